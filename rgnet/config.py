@@ -59,8 +59,11 @@ class SyntheticConfig:
     query_min_tokens: int = 6
     query_max_tokens: int = 14
     scene_mean_sec: float = 20.0  # background scenes are random walks of about this length
-    frame_noise: float = 0.6  # isotropic noise on every frame (in latent units)
-    text_noise: float = 0.5  # isotropic noise on every text token
+    scene_scale: float = 0.3  # per-direction std of a scene's content (background a query can be confused with)
+    # per-direction std of a scene's style (nuisance the text tower's unaligned part points at; weakens frozen ranking)
+    nuisance_scale: float = 0.3
+    frame_noise: float = 0.6  # isotropic frame noise: per-coordinate std frame_noise / sqrt(latent_dim)
+    text_noise: float = 0.5  # isotropic token (and sentence) noise: per-coordinate std text_noise / sqrt(latent_dim)
     plant_strength: float = 1.0  # how strongly the concept is added to moment frames
     alignment: float = 0.35  # share of the video tower that is aligned with the text tower (0 = unrelated)
     distractors_per_query: int = 2  # spans elsewhere in the video sharing part of the query's concept
@@ -121,6 +124,9 @@ class ModelConfig:
     num_heads: int = 8
     ffn_dim: int = 2048  # released scripts pass 2048 (code default 1024)
     dropout: float = 0.1
+    # dropout on attention probabilities; the released code uses `dropout` (0.1) there, but on CPU any value > 0
+    # forces the unfused attention path (about +1.3 GiB and +25% time per full-size 64-pair step); 0 keeps it fused
+    attention_dropout: float = 0.0
     input_dropout: float = 0.5  # dropout inside the input projections
     cross_layers: int = 2  # T2V cross-attention layers (Eq. 1)
     retrieval_layers: int = 2  # retrieval self-attention layers (Eq. 4)

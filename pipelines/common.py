@@ -1,0 +1,61 @@
+"""Shared command-line pieces: config options on every pipeline, logging set-up, the metric table."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from rgnet.config import Config, ConfigError, available_presets, load_config
+
+
+def add_config_args(parser: argparse.ArgumentParser, default_preset: str | None = None) -> None:
+    g = parser.add_argument_group("configuration (embedded default <- preset <- --config file <- key=value)")
+    g.add_argument(
+        "--preset",
+        default=default_preset,
+        choices=available_presets(),
+        help=f"named preset shipped with the package (default: {default_preset or 'none: the embedded default'})",
+    )
+    g.add_argument("--config", metavar="FILE", help="YAML config file (e.g. a best-trial preset written by a sweep)")
+    g.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides with dotted keys, e.g. train.epochs=5 model.sampler.temperature=0.5",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.preset, args.config, args.overrides)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Entry points (never the library) configure the process."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_guarded(fn: Any, *args: Any) -> int:
+    """Turn user errors (bad config, bad data, missing files) into one clear line and exit code 2."""
+    from rgnet.data.records import DataError
+
+    try:
+        return int(fn(*args) or 0)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        return fail(str(e))
+
+
+def abspath(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))

@@ -1,0 +1,160 @@
+"""``rgnet evaluate`` / ``python -m pipelines.evaluate``: metrics for a prediction file (and submission exports).
+
+Prediction-file mode scores a JSON Lines prediction file (``rgnet.eval.predictions``) against a dataset's
+annotations under a named metric profile, prints a table, and optionally writes the JSON report and the Ego4D
+challenge / Moment-DETR submission files::
+
+    rgnet evaluate --predictions runs/x/predictions_val.jsonl --annotations data/nlq_val.json --layout ego4d \\
+        --profile rgnet --out report.json --export-ego4d submission.json
+
+Each mode is one function returning the report (``evaluate_prediction_file``); ``main`` only parses, dispatches
+and prints, so a further mode (a model checkpoint on a split) plugs in next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, get_args
+
+from pipelines.common import fail, run_guarded, setup_logging
+from rgnet.config import ConfigError, DataConfig, EvalConfig, Layout, Profile
+
+log = logging.getLogger("rgnet.evaluate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ev, data = EvalConfig(), DataConfig()
+    p = argparse.ArgumentParser(
+        prog="rgnet evaluate",
+        description="Recall@K at IoU thresholds, mIoU and window-retrieval recall for a prediction file.",
+    )
+    src = p.add_argument_group("prediction-file mode")
+    src.add_argument("--predictions", metavar="FILE",
+                     help="prediction file (JSON Lines rows {query_id, video_id, predictions, [windows]})")
+    src.add_argument("--annotations", metavar="FILE",
+                     help="ground-truth annotation file (MAD_*.json, nlq_*.json, or native .jsonl/.parquet)")
+    src.add_argument("--layout", choices=get_args(Layout), default=data.layout,
+                     help=f"layout of the annotation file (default: {data.layout})")
+    src.add_argument("--mad-gt-field", choices=("timestamps", "ext_timestamps"), default=data.mad_gt_field,
+                     help=f"MAD only: which annotation field is the ground truth (default: {data.mad_gt_field})")
+    src.add_argument("--keep-zero-length", action="store_true",
+                     help="keep zero-length ground-truth moments (default: drop them, with their predictions, and "
+                          "count them in the log, as training does)")
+
+    met = p.add_argument_group("metrics")
+    met.add_argument("--profile", choices=get_args(Profile), default=ev.profile,
+                     help=f"IoU rule: rgnet = IoU > m (RGNet/CONE/Ego4D), geq = IoU >= m (MAD/VLG-Net, SOONet, "
+                          f"Moment-DETR) (default: {ev.profile})")
+    met.add_argument("--recall-ks", type=int, nargs="+", default=list(ev.recall_ks), metavar="K",
+                     help=f"K of Recall@K (default: {' '.join(map(str, ev.recall_ks))})")
+    met.add_argument("--iou", type=float, nargs="+", default=list(ev.iou_thresholds), metavar="M",
+                     help=f"IoU thresholds m (default: {' '.join(map(str, ev.iou_thresholds))}; MAD adds 0.1)")
+    met.add_argument("--retrieval-ks", type=int, nargs="+", default=list(ev.retrieval_ks), metavar="K",
+                     help=f"K of window-retrieval Recall@K, when rows carry ranked windows "
+                          f"(default: {' '.join(map(str, ev.retrieval_ks))})")
+    met.add_argument("--max-predictions", type=int, default=None, metavar="N",
+                     help="use at most the first N predictions per query (default: all in the file)")
+
+    out = p.add_argument_group("outputs")
+    out.add_argument("--out", metavar="FILE", help="write the JSON report here (atomically)")
+    out.add_argument("--export-ego4d", metavar="FILE", help="also write the Ego4D NLQ challenge submission JSON")
+    out.add_argument("--export-moment-detr", metavar="FILE",
+                     help="also write the Moment-DETR submission (JSON Lines with pred_relevant_windows)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _check_metric_args(args: argparse.Namespace) -> None:
+    if not args.annotations:
+        raise ConfigError("--predictions needs --annotations FILE (the ground truth to score against)")
+    if any(k < 1 for k in [*args.recall_ks, *args.retrieval_ks]):
+        raise ConfigError(f"--recall-ks and --retrieval-ks must be >= 1, got {args.recall_ks} / {args.retrieval_ks}")
+    if any(not 0 <= m < 1 for m in args.iou):
+        raise ConfigError(f"--iou thresholds must lie in [0, 1), got {args.iou}")
+    if args.max_predictions is not None and args.max_predictions < 1:
+        raise ConfigError(f"--max-predictions must be >= 1, got {args.max_predictions}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mode: prediction file
+# ---------------------------------------------------------------------------------------------------------------
+def evaluate_prediction_file(args: argparse.Namespace) -> dict[str, Any]:
+    """Read, check and score a prediction file; write the requested exports. Returns the metric report."""
+    _check_metric_args(args)
+    from rgnet.data.dataset import read_annotations
+    from rgnet.eval.metrics import evaluate
+    from rgnet.eval.predictions import read_predictions, write_ego4d_challenge, write_moment_detr
+
+    rows = read_predictions(args.predictions)
+    # Read every record and drop zero-length moments here rather than in the reader: a prediction file made on the
+    # full split still has rows for them, which must be set aside (and counted), not reported as unknown queries.
+    all_records, _ = read_annotations(  # the reader logs what it skipped
+        args.layout, args.annotations, mad_gt_field=args.mad_gt_field, drop_zero_length=False
+    )
+    records, kept_rows = list(all_records), rows
+    zero_ids: set[str] = set()
+    if not args.keep_zero_length:
+        zero_ids = {r.query_id for r in all_records if r.end_sec == r.start_sec}  # as the reader's flag
+        records = [r for r in all_records if r.query_id not in zero_ids]
+        kept_rows = [r for r in rows if r.query_id not in zero_ids]
+        if zero_ids:
+            log.warning(
+                "dropped %d zero-length ground-truth moments (and %d prediction rows for them); "
+                "--keep-zero-length scores them", len(zero_ids), len(rows) - len(kept_rows),
+            )
+
+    report = evaluate(
+        kept_rows,
+        records,
+        profile=args.profile,
+        recall_ks=args.recall_ks,
+        iou_thresholds=args.iou,
+        retrieval_ks=args.retrieval_ks,
+        max_predictions=args.max_predictions,
+        source=str(args.predictions),
+    )
+    report["predictions_file"] = str(args.predictions)
+    report["annotations_file"] = str(args.annotations)
+    report["layout"] = args.layout
+    report["num_zero_length_dropped"] = len(zero_ids)
+
+    # Exports cover every row against every record (a challenge server scores the zero-length queries too).
+    if args.export_ego4d:
+        write_ego4d_challenge(args.export_ego4d, rows, all_records, source=args.predictions)
+        log.info("wrote the Ego4D challenge submission to %s", args.export_ego4d)
+    if args.export_moment_detr:
+        write_moment_detr(args.export_moment_detr, rows, all_records, source=args.predictions)
+        log.info("wrote the Moment-DETR submission to %s", args.export_moment_detr)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mode: model checkpoint on a split -- to be added here (``--checkpoint`` / ``--config``), returning a report too.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _main(args: argparse.Namespace) -> int:
+    from rgnet.eval.metrics import format_table
+    from rgnet.io import atomic_write_json
+
+    if args.predictions:
+        report = evaluate_prediction_file(args)
+    else:
+        return fail("give --predictions FILE and --annotations FILE (see rgnet evaluate --help)")
+    print(format_table(report))
+    if args.out:
+        atomic_write_json(args.out, report)
+        print(f"report written to {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return run_guarded(_main, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Two-stage inference (DESIGN.md section 5): retrieve windows with the encoder, ground only the top-k.
+
+For each video: the encoder and the context score run on every (window, query) pair, in chunks of windows so that
+memory stays bounded on a 2-hour movie; a running top-k per query keeps the encoded proposals of the best windows
+seen so far (nothing else is retained).  The decoder then runs on the k kept windows per query only, so decoder
+cost is constant in video length for a fixed k (the paper's efficiency claim, which the released code does not
+realise: it decodes every window).  Moment score = p_fg * sigmoid(s_ctx); spans go to seconds, are clipped to
+[0, duration], NMS-ed (IoU > nms_iou suppresses) and capped at ``max_predictions``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rgnet.config import Config, EvalConfig
+from rgnet.data.dataset import SplitData
+from rgnet.data.samples import VideoItem, gather_windows, iter_videos, pad_texts
+from rgnet.data.windows import positive_windows
+from rgnet.eval.predictions import PredictionRow
+from rgnet.model.rgnet import EncoderOutput, RGNet
+from rgnet.span_ops import cw_to_se, temporal_nms
+
+
+@dataclass
+class VideoScores:
+    """What the retrieval stage saw for each query of a video (for the retrieval metric and for plots)."""
+
+    context_logit: Tensor  # (q, P) context score of every window
+    sampling_score: Tensor | None  # (q, P, W) frame sampling scores, when requested
+
+
+def _frame_starts(item: VideoItem, which: Tensor) -> tuple[Tensor, Tensor]:
+    b = torch.from_numpy(item.bounds)[which.cpu()]
+    return b[..., 0].float(), (b[..., 1] - b[..., 0]).float()
+
+
+def _concat_select(a: Tensor | None, b: Tensor, index: Tensor) -> Tensor:
+    """cat([a, b], dim=1) gathered at ``index`` (q, k) along dim 1, for tensors (q, n, ...)."""
+    both = b if a is None else torch.cat([a, b], dim=1)
+    shape = index.shape + both.shape[2:]
+    idx = index.view(*index.shape, *([1] * (both.dim() - 2))).expand(shape)
+    return torch.gather(both, 1, idx)
+
+
+@torch.no_grad()
+def infer_video(
+    model: RGNet,
+    item: VideoItem,
+    cfg: EvalConfig,
+    device: torch.device,
+    *,
+    keep_sampling_scores: bool = False,
+) -> tuple[list[PredictionRow], VideoScores]:
+    """Predictions for every query of one video (model in eval mode)."""
+    model.eval()
+    q = len(item.records)
+    text, text_mask = pad_texts(item.texts)
+    text, text_mask = text.to(device), text_mask.to(device)
+    sentence = torch.from_numpy(np.stack(item.sentences)).to(device) if item.sentences is not None else None
+    frames = item.frames
+    num_windows = len(item.bounds)
+    k = min(cfg.top_k_windows, num_windows)
+    chunk = max(1, cfg.window_chunk // q)  # windows per encoder pass: at most ~window_chunk pairs at a time
+
+    all_logits = torch.empty(q, num_windows, device=device)
+    sampling = torch.empty(q, num_windows, item.spec.length, device=device) if keep_sampling_scores else None
+    kept: dict[str, Tensor] = {}
+    for c0 in range(0, num_windows, chunk):
+        which = torch.arange(c0, min(c0 + chunk, num_windows))
+        c = len(which)
+        windows, wmask = gather_windows(frames, item.bounds, item.spec.length, which)
+        # pairs in query-major order: pair n = i * c + j  (query i, window j of the chunk)
+        window_index = torch.arange(c, device=device).repeat(q)
+        text_index = torch.arange(q, device=device).repeat_interleave(c)
+        enc = model.encode(windows.to(device), wmask.to(device), text, text_mask, window_index, text_index, sentence)
+        logit = enc.context_logit.view(q, c)
+        all_logits[:, c0 : c0 + c] = logit
+        if sampling is not None:
+            sampling[:, c0 : c0 + c] = enc.sampling_score.view(q, c, -1)
+        # running top-k per query over (kept so far) + (this chunk)
+        new = {
+            "logit": logit,
+            "window": which.to(device).expand(q, c),
+            "memory": enc.memory.view(q, c, *enc.memory.shape[1:]),
+            "memory_mask": enc.memory_mask.view(q, c, -1),
+            "pos": enc.pos.view(q, c, *enc.pos.shape[1:]),
+        }
+        cand = new["logit"] if not kept else torch.cat([kept["logit"], new["logit"]], dim=1)
+        top = cand.topk(min(k, cand.shape[1]), dim=1).indices  # (q, k')
+        kept = {name: _concat_select(kept.get(name), t, top) for name, t in new.items()}
+
+    rows = _decode_kept(model, item, kept, cfg, device)
+    return rows, VideoScores(all_logits.cpu(), None if sampling is None else sampling.cpu())
+
+
+def _decode_kept(
+    model: RGNet, item: VideoItem, kept: dict[str, Tensor], cfg: EvalConfig, device: torch.device
+) -> list[PredictionRow]:
+    q, k = kept["logit"].shape
+    enc = EncoderOutput(
+        memory=kept["memory"].flatten(0, 1),  # (q*k, W, D)
+        memory_mask=kept["memory_mask"].flatten(0, 1),
+        pos=kept["pos"].flatten(0, 1),
+        context_logit=kept["logit"].flatten(),
+        frame_logit=torch.empty(0),
+        gate=torch.empty(0),
+        sampling_score=torch.empty(0),
+    )
+    dec = model.decode(enc)
+    p_fg = dec.logits[-1].float().softmax(-1)[..., 0]  # (q*k, Q)
+    score = p_fg * torch.sigmoid(enc.context_logit.float())[:, None]
+    start, length = _frame_starts(item, kept["window"].flatten())
+    span_se = cw_to_se(dec.spans_cw[-1].float().cpu())  # (q*k, Q, 2) window-relative
+    sec = (start[:, None, None] + span_se * length[:, None, None]) / item.spec.fps
+    sec = sec.clamp(0.0, item.duration_sec)
+    sec = sec.view(q, -1, 2)  # (q, k*Q, 2)
+    score = score.cpu().view(q, -1)
+    if cfg.fusion == "matching":
+        score = _fuse_matching(item, sec, score)
+    return [_finish_row(item, i, sec[i], score[i], cfg) for i in range(q)]
+
+
+def _finish_row(item: VideoItem, i: int, sec: Tensor, score: Tensor, cfg: EvalConfig) -> PredictionRow:
+    keep = temporal_nms(sec, score, cfg.nms_iou, max_keep=cfg.max_predictions)
+    preds = torch.cat([sec[keep], score[keep, None]], dim=1)
+    rec = item.records[i]
+    return PredictionRow(query_id=rec.query_id, video_id=rec.video_id, predictions=preds.tolist(), windows=None)
+
+
+def _minmax(x: Tensor) -> Tensor:
+    lo, hi = x.min(dim=-1, keepdim=True).values, x.max(dim=-1, keepdim=True).values
+    return torch.where(hi > lo, (x - lo) / (hi - lo).clamp(min=1e-12), x)
+
+
+def _fuse_matching(item: VideoItem, sec: Tensor, score: Tensor) -> Tensor:
+    """The released code's score fusion: min-max(proposal score) + min-max(frozen matching score).
+
+    Matching score of a span = sum of the 3 highest cosine similarities between the query's sentence feature and
+    the frozen frames inside the span (RGNet's modification of CONE's fine-grained matching).
+    """
+    if item.sentences is None:
+        raise ValueError(
+            "eval.fusion=matching needs sentence features (data.sentence_features); this dataset has none"
+        )
+    frames = F.normalize(item.frames, dim=-1)  # (T, Dv)
+    sent = F.normalize(torch.from_numpy(np.stack(item.sentences)), dim=-1)  # (q, Dv)
+    sim = sent @ frames.T  # (q, T)
+    fps, t = item.spec.fps, frames.shape[0]
+    s_f = (sec[..., 0] * fps).floor().long().clamp(0, t - 1)  # (q, n)
+    e_f = (sec[..., 1] * fps).ceil().long().clamp(1, t)
+    span_len = int((e_f - s_f).clamp(min=1).max())
+    idx = s_f[..., None] + torch.arange(span_len)  # (q, n, Ls)
+    inside = idx < e_f[..., None]
+    vals = torch.gather(sim[:, None, :].expand(-1, idx.shape[1], -1), 2, idx.clamp(max=t - 1))
+    vals = vals.masked_fill(~inside, float("-inf"))
+    top = vals.topk(min(3, span_len), dim=-1).values
+    match = torch.where(torch.isfinite(top), top, torch.zeros_like(top)).sum(-1)  # (q, n)
+    return _minmax(score) + _minmax(match)
+
+
+def window_rows(item: VideoItem, scores: VideoScores, rows: list[PredictionRow]) -> list[PredictionRow]:
+    """Attach the ranked windows ([start_sec, end_sec, sigmoid(s_ctx)], best first) for the retrieval metric."""
+    bounds_sec = torch.from_numpy(item.bounds).double() / item.spec.fps
+    out = []
+    for i, row in enumerate(rows):
+        order = torch.sort(scores.context_logit[i], descending=True, stable=True).indices
+        prob = torch.sigmoid(scores.context_logit[i][order].double())
+        wins = torch.cat([bounds_sec[order], prob[:, None]], dim=1)
+        out.append(PredictionRow(row.query_id, row.video_id, row.predictions, wins.tolist()))
+    return out
+
+
+@torch.no_grad()
+def infer_oracle(model: RGNet, item: VideoItem, cfg: EvalConfig, device: torch.device) -> list[PredictionRow]:
+    """Oracle grounding: decode only the window that holds most of the GT moment; score = p_fg."""
+    model.eval()
+    fps = item.spec.fps
+    which = []
+    for rec in item.records:
+        s_f, e_f = rec.start_sec * fps, rec.end_sec * fps
+        pos = positive_windows(item.bounds, s_f, e_f)
+        overlap = np.minimum(item.bounds[pos, 1], e_f) - np.maximum(item.bounds[pos, 0], s_f)
+        which.append(int(pos[int(np.argmax(overlap))]))
+    which_t = torch.tensor(which)
+    windows, wmask = gather_windows(item.frames, item.bounds, item.spec.length, which_t)
+    text, text_mask = pad_texts(item.texts)
+    q = len(item.records)
+    sentence = torch.from_numpy(np.stack(item.sentences)).to(device) if item.sentences is not None else None
+    idx = torch.arange(q, device=device)
+    enc = model.encode(windows.to(device), wmask.to(device), text.to(device), text_mask.to(device), idx, idx, sentence)
+    dec = model.decode(enc)
+    score = dec.logits[-1].float().softmax(-1)[..., 0].cpu()  # (q, Q)
+    start, length = _frame_starts(item, which_t)
+    span_se = cw_to_se(dec.spans_cw[-1].float().cpu())
+    sec = ((start[:, None, None] + span_se * length[:, None, None]) / fps).clamp(0.0, item.duration_sec)
+    return [_finish_row(item, i, sec[i], score[i], cfg) for i in range(q)]
+
+
+def predict_split(
+    model: RGNet,
+    data: SplitData,
+    cfg: Config,
+    device: torch.device,
+    *,
+    records: Sequence[object] | None = None,
+    progress: bool = False,
+) -> Iterator[PredictionRow]:
+    """Prediction rows (with ranked windows) for every query of a split, one video at a time."""
+    videos = iter_videos(data, cfg, records)  # type: ignore[arg-type]
+    if progress:
+        from tqdm import tqdm
+
+        by_video = {r.video_key for r in (records or data.records)}  # type: ignore[attr-defined]
+        videos = tqdm(videos, total=len(by_video), desc="evaluate", unit="video", leave=False)
+    for item in videos:
+        if cfg.eval.oracle:
+            yield from infer_oracle(model, item, cfg.eval, device)
+            continue
+        rows, scores = infer_video(model, item, cfg.eval, device)
+        yield from window_rows(item, scores, rows)

@@ -1,0 +1,66 @@
+"""Input projections and sine embeddings (DESIGN section 3.1, reference notes section 1.1-1.2).
+
+Glossary: W distinct windows, B queries, N query-window pairs, Lv frames per window, Lq words, D hidden.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class InputProjection(nn.Sequential):
+    """Features -> D: [LayerNorm -> Dropout -> Linear -> ReLU] then [LayerNorm -> Dropout -> Linear].
+
+    Two such stacks exist, one per modality (Moment-DETR's input projection, as RGNet uses it).  The high input
+    dropout (0.5 in the released recipe) regularises the frozen CLIP / EgoVLP features.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, dropout: float) -> None:
+        super().__init__(
+            nn.LayerNorm(in_dim),
+            nn.Dropout(dropout),
+            nn.Linear(in_dim, hidden_dim),
+            nn.ReLU(),
+            nn.LayerNorm(hidden_dim),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, hidden_dim),
+        )
+
+
+def sine_embedding(x: Tensor, dim: int, temperature: float) -> Tensor:
+    """Transformer sine embedding of scalars: (...) -> (..., dim).
+
+    Channel i uses the frequency temperature^(2*floor(i/2)/dim); even channels take the sine and odd channels the
+    cosine, interleaved (DETR's layout).  An odd ``dim`` simply ends on a sine channel, so no size is assumed.
+    """
+    i = torch.arange(dim, device=x.device, dtype=torch.float32)
+    freq = temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / dim)  # (dim,)
+    angle = x.float()[..., None] / freq  # (..., dim)
+    even = (torch.arange(dim, device=x.device) % 2) == 0
+    return torch.where(even, angle.sin(), angle.cos())  # float32 whatever the input dtype
+
+
+def video_positions(video_mask: Tensor, dim: int, temperature: float) -> Tensor:
+    """1-D sine positions over each window's *valid* length: (W, Lv) bool -> (W, Lv, dim).
+
+    Position j is 2π * (number of valid frames up to j) / (valid length), so a short (padded) last window spans the
+    same 0..2π range as a full one; padded frames all sit at 2π (as the released code does).
+    """
+    count = video_mask.float().cumsum(dim=1)  # (W, Lv)
+    pos = count / (count[:, -1:] + 1e-6) * (2 * math.pi)  # (W, Lv)
+    return sine_embedding(pos, dim, temperature)
+
+
+def anchor_embedding(ref_cw: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
+    """DAB-DETR anchor embedding: (..., 2) (center, width) in [0, 1] -> (..., dim) = [sine(c); sine(w)].
+
+    Each coordinate gets dim // 2 channels (the center takes the extra one if dim is odd), scaled by 2π as in
+    DAB-DETR (Liu et al., ICLR 2022); derived from D, not a fixed 128.
+    """
+    dim_c = dim - dim // 2
+    center = sine_embedding(ref_cw[..., 0] * (2 * math.pi), dim_c, temperature)
+    width = sine_embedding(ref_cw[..., 1] * (2 * math.pi), dim // 2, temperature)
+    return torch.cat([center, width], dim=-1)

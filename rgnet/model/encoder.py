@@ -1,0 +1,350 @@
+"""The RG-Encoder (paper Sec. 3.2-3.3, Eq. 1-5) and the plain encoder of the "no unified encoder" ablation.
+
+Glossary: W distinct windows, B queries, N query-window pairs, Lv frames per window, Lq words, D hidden, H heads.
+
+Both encoders first condition every frame on its query with cross-attention (Eq. 1).  The RG-Encoder then gates
+the frames with the sampler (Eq. 2) and runs retrieval attention over [retrieval token; frames] under a mask built
+from the gate (Eq. 3-4); it returns the encoded proposal P = c + g * r (Eq. 5) and the context vector r.  The plain
+encoder runs ordinary self-attention over the frames only and uses a masked mean of the frame states as its
+context vector; it has no retrieval token, no sampler and no gate.
+
+Attention everywhere is ``F.scaled_dot_product_attention`` (fused kernels) with boolean masks, True = attend; only
+the released-code ("additive") retrieval mask is a float mask.  Every query row keeps at least one key, so no row is
+fully masked (a fully masked row would make the softmax NaN).  Attention-probability dropout is
+``ModelConfig.attention_dropout`` (0 keeps the fused CPU kernel); other dropouts use :class:`Dropout`, whose mask is
+cheaper to draw on CPU, and the FFN fuses ReLU and dropout to store one activation instead of three.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, NamedTuple, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rgnet.config import ModelConfig
+from rgnet.model.sampler import GumbelSampler
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks shared by the encoder and the decoder
+# ---------------------------------------------------------------------------------------------------------------
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """(N, L, H*d) -> (N, H, L, d)."""
+    n, length, dim = x.shape
+    return x.view(n, length, heads, dim // heads).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(N, H, L, d) -> (N, L, H*d)."""
+    n, heads, length, dim = x.shape
+    return x.transpose(1, 2).reshape(n, length, heads * dim)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float) -> Tensor:
+    """Fused attention on split heads; ``mask`` is bool (True = attend) or float (added to the logits).
+
+    The scale is 1/sqrt(head dim of q), which also holds for the decoder's concatenated [content; position] heads.
+    """
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(q.dtype)  # SDPA wants a float mask in the query's dtype (matters under autocast)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
+def _drop_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[Tensor, float]:
+    """A Bernoulli(p) *drop* mask drawn from raw random bits (16 per element), and the rescaling of kept units.
+
+    Why: on CPU, ``bernoulli_`` (what ``F.dropout`` uses) is several times slower than drawing raw 64-bit words,
+    and dropout masks over the (N, Lv, ffn_dim) FFN activations were the largest cost of a training step.  p is
+    rounded to a multiple of 1/65536 and the scale uses that rounded p, so the expectation is kept exactly.  Masks
+    are applied with masked_fill / where (a bool operand of mul would first be converted to float: one more pass).
+    """
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)  # full 64-bit range
+    drop = round(p * 65536)
+    mask = words.view(torch.int16)[:n].view(shape) < drop - 32768
+    return mask, 65536 / (65536 - drop)
+
+
+class _Dropout(torch.autograd.Function):
+    """Dropout that saves only the bool mask (the memory of ``F.dropout``, a faster mask)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, p: float) -> Tensor:
+        drop, scale = _drop_mask(x.shape, p, x.device)
+        ctx.save_for_backward(drop)
+        ctx.scale = scale
+        return x.masked_fill(drop, 0.0).mul_(scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (drop,) = ctx.saved_tensors
+        return grad.masked_fill(drop, 0.0).mul_(ctx.scale), None
+
+
+class _ReluDropout(torch.autograd.Function):
+    """In-place ReLU then dropout; saves only its output (which the next Linear saves anyway).
+
+    The gradient mask is recovered as (output > 0): positive exactly where the unit was active and kept.  This
+    stores 4 bytes per FFN activation instead of 9 (ReLU output, bool mask, dropout output).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, p: float) -> Tensor:
+        drop, scale = _drop_mask(x.shape, p, x.device)
+        ctx.mark_dirty(x)
+        out = x.relu_().masked_fill_(drop, 0.0).mul_(scale)
+        ctx.save_for_backward(out)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (out,) = ctx.saved_tensors
+        return torch.where(out > 0, grad, 0.0).mul_(ctx.scale), None
+
+
+class Dropout(nn.Module):
+    """Drop-in for ``nn.Dropout`` with the faster mask of :func:`_drop_mask`."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        return _Dropout.apply(x, self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class FeedForward(nn.Module):
+    """Linear(D, F) -> ReLU -> Dropout -> Linear(F, D) (ReLU and dropout fused, see :class:`_ReluDropout`)."""
+
+    def __init__(self, dim: int, ffn_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.p = dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        # 2-D matmuls: the hidden activation is then a plain tensor, not a view, so the in-place fused
+        # ReLU-dropout costs autograd no CopySlices copy
+        hidden = self.linear1(x.reshape(-1, x.shape[-1]))  # (rows, F)
+        if self.training and self.p > 0.0:
+            hidden = _ReluDropout.apply(hidden, self.p)
+        else:
+            hidden = F.relu(hidden)
+        return self.linear2(hidden).view(*x.shape[:-1], -1)
+
+
+def xavier_init_(module: nn.Module) -> None:
+    """Xavier-uniform on every >1-D parameter (the released transformer's ``_reset_parameters``)."""
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Eq. 1: text-to-video cross-attention
+# ---------------------------------------------------------------------------------------------------------------
+class CrossAttentionLayer(nn.Module):
+    """Frames (queries, positions added to q only) attend to words (keys and values, no positions).
+
+    Residual/normalisation order is QD-DETR's hybrid, as released: u = x + Drop(attn);
+    x' = LN2(u + Drop(FFN(LN1(u)))) (the FFN reads LN1(u) but the residual adds the un-normalised u).
+    """
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, attention_dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.attention_dropout = attention_dropout
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.drop_attn = Dropout(dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ffn = FeedForward(dim, ffn_dim, dropout)
+        self.drop_ffn = Dropout(dropout)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def project_text(self, text: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, Lq, D) -> keys, values (B, H, Lq, D/H); done once per distinct query, gathered per pair."""
+        return split_heads(self.k_proj(text), self.heads), split_heads(self.v_proj(text), self.heads)
+
+    def forward(self, frames: Tensor, pos: Tensor, keys: Tensor, values: Tensor, key_mask: Tensor) -> Tensor:
+        """frames, pos (N, Lv, D); keys, values (N, H, Lq, D/H); key_mask (N, 1, 1, Lq) bool -> (N, Lv, D)."""
+        q = split_heads(self.q_proj(frames + pos), self.heads)  # (N, H, Lv, D/H)
+        attn = merge_heads(attend(q, keys, values, key_mask, self.attention_dropout if self.training else 0.0))
+        u = frames + self.drop_attn(self.out_proj(attn))
+        return self.norm2(u + self.drop_ffn(self.ffn(self.norm1(u))))
+
+
+class TextConditioning(nn.Module):
+    """The stack of cross-attention layers (Eq. 1), shared by both encoders.
+
+    Word keys/values never change across layers (only frames are updated), so each layer projects each distinct
+    query once and gathers the projections per pair: B texts serve the B^2 in-batch pairs.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            CrossAttentionLayer(cfg.hidden_dim, cfg.num_heads, cfg.ffn_dim, cfg.dropout, cfg.attention_dropout)
+            for _ in range(cfg.cross_layers)
+        )
+
+    def forward(self, frames: Tensor, pos: Tensor, text: Tensor, text_mask: Tensor, text_index: Tensor) -> Tensor:
+        """frames, pos (N, Lv, D); text (B, Lq, D); text_mask (B, Lq) bool; text_index (N,) -> (N, Lv, D)."""
+        # a query without any valid word (never produced by the data pipeline) attends to all its padding, not NaN
+        text_mask = text_mask | ~text_mask.any(dim=-1, keepdim=True)
+        key_mask = text_mask.index_select(0, text_index)[:, None, None, :]  # (N, 1, 1, Lq)
+        for layer in cast(list[CrossAttentionLayer], self.layers):
+            keys, values = layer.project_text(text)  # (B, H, Lq, D/H)
+            frames = layer(frames, pos, keys.index_select(0, text_index), values.index_select(0, text_index), key_mask)
+        return frames
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Eq. 3-4: retrieval attention (and the plain encoder's self-attention)
+# ---------------------------------------------------------------------------------------------------------------
+class SelfAttentionLayer(nn.Module):
+    """Post-norm self-attention layer: positions on queries and keys (not values), then FFN."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, attention_dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.attention_dropout = attention_dropout
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.drop_attn = Dropout(dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ffn = FeedForward(dim, ffn_dim, dropout)
+        self.drop_ffn = Dropout(dropout)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
+        """x, pos (N, L, D); mask broadcastable to (N, H, L, L), bool or additive float -> (N, L, D)."""
+        qk_in = x + pos
+        q = split_heads(self.q_proj(qk_in), self.heads)  # (N, H, L, D/H)
+        k = split_heads(self.k_proj(qk_in), self.heads)
+        v = split_heads(self.v_proj(x), self.heads)
+        attn = merge_heads(attend(q, k, v, mask, self.attention_dropout if self.training else 0.0))
+        x = self.norm1(x + self.drop_attn(self.out_proj(attn)))
+        return self.norm2(x + self.drop_ffn(self.ffn(x)))
+
+
+MaskMode = Literal["hard", "additive", "none"]
+
+
+def retrieval_attention_mask(gate: Tensor, frame_valid: Tensor, mode: MaskMode) -> Tensor:
+    """Eq. 3 over the sequence [retrieval token; frames] of length L = 1 + Lv.
+
+    gate (N, Lv) in {0, 1} (detached here: the mask carries no gradient, as released); frame_valid (N, Lv) bool.
+    Returns a mask for SDPA, broadcastable to (N, H, L, L):
+    - ``hard`` (the paper): bool; an irrelevant frame's row attends only to itself; (N, 1, L, L).
+    - ``additive`` (the released code): float; +1 on every non-self key of an irrelevant frame's row (a float 0/1
+      mask is *added* to the logits), -inf on padded keys; (N, 1, L, L).
+    - ``none`` (ablation): bool padding mask only; (N, 1, 1, L).
+    The token row is never restricted and padded keys are always masked.  Every row keeps at least one key: its
+    own (hard) or the always-valid token (additive, none).
+    """
+    n = gate.shape[0]
+    key_valid = torch.cat([frame_valid.new_ones(n, 1), frame_valid], dim=1)  # (N, L)
+    if mode == "none":
+        return key_valid[:, None, None, :]
+    restricted = torch.cat([frame_valid.new_zeros(n, 1), gate.detach() < 0.5], dim=1)  # (N, L) irrelevant rows
+    length = key_valid.shape[1]
+    eye = torch.eye(length, dtype=torch.bool, device=gate.device)  # (L, L)
+    if mode == "hard":
+        allowed = key_valid[:, None, :] & ~restricted[:, :, None]  # (N, L, L)
+        return (allowed | eye)[:, None]
+    if mode == "additive":
+        bias = (restricted[:, :, None] & ~eye).float()  # (N, L, L): +1 on non-self keys of irrelevant rows
+        bias = bias.masked_fill(~key_valid[:, None, :], float("-inf"))
+        return bias[:, None]
+    raise ValueError(f"model.mask_mode={mode!r} is not one of hard, additive, none")
+
+
+class EncoderState(NamedTuple):
+    """What an encoder hands to the model heads, for N pairs."""
+
+    content: Tensor  # (N, Lv, D) encoded proposal P (rg) or frame states (plain)
+    context: Tensor  # (N, D) retrieval-token state r (rg) or masked mean of the frame states (plain)
+    frame_logit: Tensor  # (N, Lv) sampler relevancy logit z; zeros without a sampler
+    gate: Tensor  # (N, Lv) gate g; ones without a sampler
+
+
+class RGEncoder(nn.Module):
+    """Cross-attention -> sampler -> retrieval attention over [token; frames] -> P = c + g * r (Eq. 1-5)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.hidden_dim
+        self.mask_mode: MaskMode = cfg.mask_mode
+        self.cross = TextConditioning(cfg)
+        # the sampler kind "none" builds no sampler at all, so no parameter is left without a gradient
+        self.sampler = GumbelSampler(d, cfg.sampler.temperature) if cfg.sampler.kind == "gumbel" else None
+        self.layers = nn.ModuleList(
+            SelfAttentionLayer(d, cfg.num_heads, cfg.ffn_dim, cfg.dropout, cfg.attention_dropout)
+            for _ in range(cfg.retrieval_layers)
+        )
+        xavier_init_(self)
+        # learnable retrieval token and its own learnable position (randn, as released); 1-D, so xavier skips them
+        self.token = nn.Parameter(torch.randn(d))
+        self.token_pos = nn.Parameter(torch.randn(d))
+
+    def forward(
+        self, frames: Tensor, pos: Tensor, frame_valid: Tensor, text: Tensor, text_mask: Tensor, text_index: Tensor
+    ) -> EncoderState:
+        """frames, pos (N, Lv, D); frame_valid (N, Lv); text (B, Lq, D); text_mask (B, Lq); text_index (N,)."""
+        n, _, d = frames.shape
+        frames = self.cross(frames, pos, text, text_mask, text_index)  # (N, Lv, D)
+        if self.sampler is not None:
+            frame_logit, gate = self.sampler(frames)  # (N, Lv) each
+        else:
+            frame_logit, gate = frames.new_zeros(frames.shape[:2]), frames.new_ones(frames.shape[:2])
+        mask = retrieval_attention_mask(gate, frame_valid, self.mask_mode)
+        x = torch.cat([self.token.to(frames.dtype).expand(n, 1, d), frames], dim=1)  # (N, 1+Lv, D)
+        x_pos = torch.cat([self.token_pos.to(pos.dtype).expand(n, 1, d), pos], dim=1)  # (N, 1+Lv, D)
+        for layer in self.layers:
+            x = layer(x, x_pos, mask)
+        context, content = x[:, 0], x[:, 1:]  # r (N, D), c (N, Lv, D)
+        proposal = content + gate[..., None].to(content.dtype) * context[:, None, :]  # Eq. 5: P = c + g * r
+        return EncoderState(proposal, context, frame_logit, gate)
+
+
+class PlainEncoder(nn.Module):
+    """Ablation "no unified encoder": cross-attention + self-attention over frames; no token, sampler or gate."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cross = TextConditioning(cfg)
+        self.layers = nn.ModuleList(
+            SelfAttentionLayer(cfg.hidden_dim, cfg.num_heads, cfg.ffn_dim, cfg.dropout, cfg.attention_dropout)
+            for _ in range(cfg.retrieval_layers)
+        )
+        xavier_init_(self)
+
+    def forward(
+        self, frames: Tensor, pos: Tensor, frame_valid: Tensor, text: Tensor, text_mask: Tensor, text_index: Tensor
+    ) -> EncoderState:
+        frames = self.cross(frames, pos, text, text_mask, text_index)  # (N, Lv, D)
+        # padding mask only; a window without any valid frame (never produced by the data) attends to all, not NaN
+        key_valid = frame_valid | ~frame_valid.any(dim=-1, keepdim=True)
+        mask = key_valid[:, None, None, :]  # (N, 1, 1, Lv)
+        for layer in self.layers:
+            frames = layer(frames, pos, mask)
+        weight = frame_valid.to(frames.dtype)[..., None]  # (N, Lv, 1)
+        pooled = (frames * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)  # (N, D)
+        ones = frames.new_ones(frames.shape[:2])
+        return EncoderState(frames, pooled, torch.zeros_like(ones), ones)
