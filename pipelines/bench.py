@@ -56,8 +56,14 @@ def _model_config(args: argparse.Namespace) -> Any:
     if args.preset:
         return load_config(args.preset).model
     return ModelConfig(
-        hidden_dim=256, num_heads=8, ffn_dim=2048, cross_layers=2, retrieval_layers=2, decoder_layers=6,
-        num_queries=5, input_dropout=0.5,
+        hidden_dim=256,
+        num_heads=8,
+        ffn_dim=2048,
+        cross_layers=2,
+        retrieval_layers=2,
+        decoder_layers=6,
+        num_queries=5,
+        input_dropout=0.5,
     )
 
 
@@ -97,7 +103,9 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     mcfg = _model_config(args)
     b, lv, d = args.batch_size, args.window_frames, args.feature_dim
     model = build_model(mcfg, d, d).to(device)
-    cfg = Config(model=mcfg, loss=LossConfig(), optim=OptimConfig(), train=TrainConfig(precision=args.precision, batch_size=b))
+    cfg = Config(
+        model=mcfg, loss=LossConfig(), optim=OptimConfig(), train=TrainConfig(precision=args.precision, batch_size=b)
+    )
     criterion = Criterion(cfg.loss).to(device)
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, 100)
@@ -165,7 +173,7 @@ def bench_infer(args: argparse.Namespace, minutes: float) -> dict[str, Any]:
     torch.manual_seed(0)
     d = args.feature_dim
     model = build_model(_model_config(args), d, d).to(device).eval()
-    frames_n = int(round(minutes * 60 * args.fps))
+    frames_n = round(minutes * 60 * args.fps)
     spec = WindowSpec(args.infer_window, args.infer_window // 2, args.fps)
     rng = np.random.default_rng(0)
     item = VideoItem(
@@ -225,7 +233,10 @@ def _child(args: argparse.Namespace) -> int:
 
 def _run_child(argv: list[str]) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.bench", *argv], capture_output=True, text=True, check=False,
+        [sys.executable, "-m", "pipelines.bench", *argv],
+        capture_output=True,
+        text=True,
+        check=False,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
     )
     for line in proc.stdout.splitlines():
@@ -241,14 +252,35 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     common = [
-        "--device", args.device, "--precision", args.precision, "--batch-size", str(args.batch_size),
-        "--window-frames", str(args.window_frames), "--feature-dim", str(args.feature_dim),
-        "--train-steps", str(args.train_steps), "--fps", str(args.fps), "--infer-window", str(args.infer_window),
-        "--top-k", str(args.top_k), "--threads", str(args.threads),
+        "--device",
+        args.device,
+        "--precision",
+        args.precision,
+        "--batch-size",
+        str(args.batch_size),
+        "--window-frames",
+        str(args.window_frames),
+        "--feature-dim",
+        str(args.feature_dim),
+        "--train-steps",
+        str(args.train_steps),
+        "--fps",
+        str(args.fps),
+        "--infer-window",
+        str(args.infer_window),
+        "--top-k",
+        str(args.top_k),
+        "--threads",
+        str(args.threads),
     ] + (["--preset", args.preset] if args.preset else [])
     results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "device": args.device, "precision": args.precision},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": args.device,
+            "precision": args.precision,
+        },
     }
     print("training step ...", flush=True)
     tr = _run_child([*common, "--part", "train"])

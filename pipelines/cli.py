@@ -17,8 +17,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("pipelines.bench", "training throughput, inference latency vs video length, memory, FLOP/s"),
 }
 
-USAGE = "usage: rgnet <command> [options]   (rgnet <command> --help for a command's options)\n\ncommands:\n" + "\n".join(
-    f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()
+USAGE = (
+    "usage: rgnet <command> [options]   (rgnet <command> --help for a command's options)\n\ncommands:\n"
+    + "\n".join(f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items())
 )
 
 

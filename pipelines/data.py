@@ -25,7 +25,16 @@ from rgnet.data.samples import WindowSpec, collate_train, item_rng, sample_train
 
 # Columns of a candidate row (variable-shaped arrays travel as Ray's variable-shaped tensor columns).
 CANDIDATE_COLUMNS = (
-    "windows", "window_len", "spans_cw", "weight", "in_lo", "in_hi", "text", "neg_video", "neg_len", "sentence",
+    "windows",
+    "window_len",
+    "spans_cw",
+    "weight",
+    "in_lo",
+    "in_hi",
+    "text",
+    "neg_video",
+    "neg_len",
+    "sentence",
 )
 
 
@@ -72,7 +81,9 @@ def build_train_dataset(cfg: Config, split: str | None = None) -> ray.data.Datas
     )
 
 
-def collate_candidates(cfg: Config, epoch_of: Callable[[], int]) -> Callable[[dict[str, np.ndarray]], dict[str, Tensor]]:
+def collate_candidates(
+    cfg: Config, epoch_of: Callable[[], int]
+) -> Callable[[dict[str, np.ndarray]], dict[str, Tensor]]:
     """A collate function for ``iter_torch_batches``: sample each row's item for the current epoch, then batch."""
     seed, negatives = cfg.train.seed, cfg.loss.negatives
 

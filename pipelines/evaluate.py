@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev, data = EvalConfig(), DataConfig()
     p = argparse.ArgumentParser(
         prog="rgnet evaluate",
-        description="Recall@K at IoU thresholds, mIoU and window-retrieval recall for a prediction file.",
+        description="Recall@K at IoU thresholds, mIoU and window-retrieval recall for a prediction file or a checkpoint.",
     )
     src = p.add_argument_group("prediction-file mode")
     src.add_argument("--predictions", metavar="FILE",
@@ -42,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--keep-zero-length", action="store_true",
                      help="keep zero-length ground-truth moments (default: drop them, with their predictions, and "
                           "count them in the log, as training does)")
+
+    ck = p.add_argument_group("checkpoint mode (two-stage inference with a trained model, then the same metrics)")
+    ck.add_argument("--checkpoint", metavar="FILE", help="a checkpoint written by rgnet train (e.g. runs/NAME/best.pt)")
+    ck.add_argument("--split", default="val",
+                    help="which split of the checkpoint's dataset: train, val or test (default: val)")
+    ck.add_argument("--predictions-out", metavar="FILE", help="also write the predictions (JSON Lines)")
+    ck.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="key=value",
+                    help="config overrides on top of the checkpoint's config, e.g. eval.top_k_windows=10 "
+                         "data.root=/other/copy (model keys cannot change)")
 
     met = p.add_argument_group("metrics")
     met.add_argument("--profile", choices=get_args(Profile), default=ev.profile,
@@ -131,18 +140,50 @@ def evaluate_prediction_file(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Mode: model checkpoint on a split -- to be added here (``--checkpoint`` / ``--config``), returning a report too.
+# Mode: model checkpoint on a split
 # ---------------------------------------------------------------------------------------------------------------
+def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
+    """Two-stage inference of a checkpoint on a split of its dataset; the metrics come from the checkpoint's config
+    (eval.*) unless overridden with --set."""
+    from rgnet.config import apply_overrides
+    from rgnet.data.dataset import open_split
+    from rgnet.eval.predictions import write_predictions
+    from rgnet.train.checkpoint import load_checkpoint, model_from_payload
+    from rgnet.train.loop import evaluate_model, resolve_device
+
+    payload = load_checkpoint(args.checkpoint)
+    model, cfg = model_from_payload(payload)
+    new_cfg = apply_overrides(cfg, args.overrides)
+    if new_cfg.model != cfg.model:
+        raise ConfigError("--set cannot change model.* keys of a trained checkpoint")
+    cfg = new_cfg
+    split = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}.get(
+        args.split, args.split
+    )
+    device = resolve_device(cfg.train.device)
+    data = open_split(cfg.data, split)
+    report, rows = evaluate_model(model.to(device), data, cfg, device, progress=cfg.train.progress)
+    report["checkpoint"] = str(args.checkpoint)
+    report["checkpoint_epoch"] = int(payload["epoch"])
+    report["split"] = split
+    if args.predictions_out:
+        write_predictions(args.predictions_out, rows)
+    return report
+
 
 
 def _main(args: argparse.Namespace) -> int:
     from rgnet.eval.metrics import format_table
     from rgnet.io import atomic_write_json
 
+    if args.predictions and args.checkpoint:
+        return fail("give either --predictions (with --annotations) or --checkpoint, not both")
     if args.predictions:
         report = evaluate_prediction_file(args)
+    elif args.checkpoint:
+        report = evaluate_checkpoint(args)
     else:
-        return fail("give --predictions FILE and --annotations FILE (see rgnet evaluate --help)")
+        return fail("give --predictions FILE --annotations FILE, or --checkpoint FILE (see rgnet evaluate --help)")
     print(format_table(report))
     if args.out:
         atomic_write_json(args.out, report)

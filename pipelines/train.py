@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--local", action="store_true", help="train in this process only (no Ray, no MLflow)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint of this run and start over")
-    p.add_argument("--no-test", action="store_true", help="skip the final evaluation of the best model on the test split")
+    p.add_argument(
+        "--no-test", action="store_true", help="skip the final evaluation of the best model on the test split"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_config_args(p)
     return p
@@ -76,7 +78,11 @@ def run_local(cfg: Config, *, fresh: bool = False, test: bool = True) -> dict[st
         log.info("resuming %s from %s (epoch %d)", cfg.train.run_name, last, payload["epoch"])
     log.info(
         "training %s on %s: %d train / %d val queries, %d steps per epoch, %d epochs",
-        cfg.train.run_name, device, len(train_data.records), len(val_data.records), batches.num_batches(),
+        cfg.train.run_name,
+        device,
+        len(train_data.records),
+        len(val_data.records),
+        batches.num_batches(),
         cfg.train.epochs,
     )
 

@@ -212,6 +212,7 @@ class RayConfig:
     cpus_per_worker: float = 0.5  # fractional so Ray Data tasks keep a CPU on a 2-core machine
     gpus_per_worker: float = 1.0  # used only when use_gpu
     data_cpus: float = 0.5  # CPUs per Ray Data read task
+    data_workers: int = 2  # at most this many Ray Data map actors read features
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     storage_path: str = "~/ray_results"  # shared storage (S3/GCS/NFS) on a multi-node cluster
     checkpoints_to_keep: int = 2

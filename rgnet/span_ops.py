@@ -66,6 +66,8 @@ def temporal_nms(spans_se: Tensor, scores: Tensor, iou_threshold: float, max_kee
     ``iou_threshold`` (the released RGNet/CONE rule).  Ties in score keep the original order (stable sort).
     The IoU matrix is computed once; the greedy pass is a loop over kept candidates only.
     """
+    if max_keep is not None and max_keep < 1:
+        raise ValueError(f"max_keep must be >= 1 or None, got {max_keep}")
     if spans_se.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=spans_se.device)
     order = torch.sort(scores, descending=True, stable=True).indices

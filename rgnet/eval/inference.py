@@ -102,7 +102,7 @@ def infer_video(
 def _decode_kept(
     model: RGNet, item: VideoItem, kept: dict[str, Tensor], cfg: EvalConfig, device: torch.device
 ) -> list[PredictionRow]:
-    q, k = kept["logit"].shape
+    q = kept["logit"].shape[0]
     enc = EncoderOutput(
         memory=kept["memory"].flatten(0, 1),  # (q*k, W, D)
         memory_mask=kept["memory_mask"].flatten(0, 1),
@@ -145,9 +145,7 @@ def _fuse_matching(item: VideoItem, sec: Tensor, score: Tensor) -> Tensor:
     the frozen frames inside the span (RGNet's modification of CONE's fine-grained matching).
     """
     if item.sentences is None:
-        raise ValueError(
-            "eval.fusion=matching needs sentence features (data.sentence_features); this dataset has none"
-        )
+        raise ValueError("eval.fusion=matching needs sentence features (data.sentence_features); this dataset has none")
     frames = F.normalize(item.frames, dim=-1)  # (T, Dv)
     sent = F.normalize(torch.from_numpy(np.stack(item.sentences)), dim=-1)  # (q, Dv)
     sim = sent @ frames.T  # (q, T)

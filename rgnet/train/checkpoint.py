@@ -23,9 +23,11 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare model inside a DDP/FSDP/compile wrapper."""
-    while hasattr(model, "module"):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module  # type: ignore[assignment]
+    inner = getattr(model, "_orig_mod", model)
+    assert isinstance(inner, nn.Module)
+    return inner
 
 
 def make_payload(

@@ -49,7 +49,8 @@ def seed_everything(seed: int) -> None:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases, norms and embeddings (1-D parameters and learned tokens)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -249,8 +250,18 @@ def fit(
     total = cfg.train.epochs
     for epoch in range(state.epoch, total):
         train_metrics = train_epoch(
-            model, criterion, train_batches(epoch), num_batches, optimizer, scheduler, cfg, device, scaler, state,
-            progress=cfg.train.progress, desc=f"epoch {epoch + 1}/{total}",
+            model,
+            criterion,
+            train_batches(epoch),
+            num_batches,
+            optimizer,
+            scheduler,
+            cfg,
+            device,
+            scaler,
+            state,
+            progress=cfg.train.progress,
+            desc=f"epoch {epoch + 1}/{total}",
         )
         state.epoch = epoch + 1
         report = rows = None
@@ -270,8 +281,14 @@ def fit(
         state.history.append({"epoch": state.epoch, **train_metrics, **(report["metrics"] if report else {})})
         if on_epoch_end is not None:
             p = build(
-                model, cfg, epoch=state.epoch, global_step=state.global_step, optimizer=optimizer,
-                scheduler=scheduler, scaler=scaler, metrics={"best_metric": state.best_metric, **(report or {}).get("metrics", {})},
+                model,
+                cfg,
+                epoch=state.epoch,
+                global_step=state.global_step,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                metrics={"best_metric": state.best_metric, **(report or {}).get("metrics", {})},
             )
             on_epoch_end(result, state, p)
     return state
