@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev, data = EvalConfig(), DataConfig()
     p = argparse.ArgumentParser(
         prog="rgnet evaluate",
-        description="Recall@K at IoU thresholds, mIoU and window-retrieval recall for a prediction file or a checkpoint.",
+        description=(
+            "Recall@K at IoU thresholds, mIoU and window-retrieval recall for a prediction file or a checkpoint."
+        ),
     )
     src = p.add_argument_group("prediction-file mode")
     src.add_argument("--predictions", metavar="FILE",

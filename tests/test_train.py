@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def trained(tmp_path_factory):
 def test_training_learns(trained) -> None:
     cfg, reports = trained
     run_dir = cfg.train.output_dir + "/" + cfg.train.run_name
-    history = json.load(open(f"{run_dir}/history.json"))
+    history = json.loads(Path(f"{run_dir}/history.json").read_text())
     assert history[-1]["loss"] < 0.8 * history[0]["loss"]
     seed_everything(cfg.train.seed)
     untrained = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim)
@@ -102,7 +103,7 @@ def test_resume_continues_at_the_right_step(tmp_path) -> None:
     steps_per_epoch = last["global_step"] // 2
     cfg3 = tiny(tmp_path, "train.epochs=3")
     run_local(cfg3, test=False)
-    history = json.load(open(tmp_path / "runs" / cfg.train.run_name / "history.json"))
+    history = json.loads(Path(tmp_path / "runs" / cfg.train.run_name / "history.json").read_text())
     assert [h["epoch"] for h in history] == [3]  # only the new epoch ran
     resumed = ckpt.load_checkpoint(tmp_path / "runs" / cfg.train.run_name / "last.pt")
     assert resumed["epoch"] == 3 and resumed["global_step"] == 3 * steps_per_epoch
