@@ -154,12 +154,8 @@ def xavier_init_(module: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Eq. 1: text-to-video cross-attention
 # ---------------------------------------------------------------------------------------------------------------
-class CrossAttentionLayer(nn.Module):
-    """Frames (queries, positions added to q only) attend to words (keys and values, no positions).
-
-    Residual/normalisation order is QD-DETR's hybrid, as released: u = x + Drop(attn);
-    x' = LN2(u + Drop(FFN(LN1(u)))) (the FFN reads LN1(u) but the residual adds the un-normalised u).
-    """
+class AttentionBlock(nn.Module):
+    """The parameters every encoder layer has: q/k/v/out projections, two LayerNorms, an FFN, dropouts."""
 
     def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, attention_dropout: float) -> None:
         super().__init__()
@@ -174,6 +170,14 @@ class CrossAttentionLayer(nn.Module):
         self.ffn = FeedForward(dim, ffn_dim, dropout)
         self.drop_ffn = Dropout(dropout)
         self.norm2 = nn.LayerNorm(dim)
+
+
+class CrossAttentionLayer(AttentionBlock):
+    """Frames (queries, positions added to q only) attend to words (keys and values, no positions).
+
+    Residual/normalisation order is QD-DETR's hybrid, as released: u = x + Drop(attn);
+    x' = LN2(u + Drop(FFN(LN1(u)))) (the FFN reads LN1(u) but the residual adds the un-normalised u).
+    """
 
     def project_text(self, text: Tensor) -> tuple[Tensor, Tensor]:
         """(B, Lq, D) -> keys, values (B, H, Lq, D/H); done once per distinct query, gathered per pair."""
@@ -215,22 +219,8 @@ class TextConditioning(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Eq. 3-4: retrieval attention (and the plain encoder's self-attention)
 # ---------------------------------------------------------------------------------------------------------------
-class SelfAttentionLayer(nn.Module):
+class SelfAttentionLayer(AttentionBlock):
     """Post-norm self-attention layer: positions on queries and keys (not values), then FFN."""
-
-    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, attention_dropout: float) -> None:
-        super().__init__()
-        self.heads = heads
-        self.attention_dropout = attention_dropout
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-        self.drop_attn = Dropout(dropout)
-        self.norm1 = nn.LayerNorm(dim)
-        self.ffn = FeedForward(dim, ffn_dim, dropout)
-        self.drop_ffn = Dropout(dropout)
-        self.norm2 = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
         """x, pos (N, L, D); mask broadcastable to (N, H, L, L), bool or additive float -> (N, L, D)."""
