@@ -19,6 +19,7 @@ from rgnet.model.encoder import (
     SelfAttentionLayer,
     _drop_mask,
     attend,
+    hard_mask_parts,
     retrieval_attention_mask,
 )
 from rgnet.model.rgnet import frozen_context_logit
@@ -213,6 +214,32 @@ def test_hard_mask_isolates_irrelevant_frames() -> None:
     bumped = x.clone()
     bumped[:, 1 + 5] += 5.0  # a padded frame changes nothing for valid rows
     torch.testing.assert_close(layer(bumped, pos, mask)[:, :6], base[:, :6])
+
+
+def test_factored_hard_mask_equals_full_mask() -> None:
+    """The fused path (key-padding mask + self-only rows) gives the full (N, L, L) hard mask's outputs and grads."""
+    torch.manual_seed(6)
+    layer = SelfAttentionLayer(16, 2, 24, dropout=0.0, attention_dropout=0.0).train()
+    n, lv = 3, 7
+    gate = (torch.rand(n, lv) > 0.5).float()
+    gate[0] = 0.0  # a pair whose every frame is irrelevant
+    valid = torch.ones(n, lv, dtype=torch.bool)
+    valid[1, 5:] = False  # padding in one pair
+    x = torch.randn(n, 1 + lv, 16, requires_grad=True)
+    pos = torch.randn(n, 1 + lv, 16)
+    # rows that matter: the token and the valid frames (a padded row's output feeds nothing: it is a masked key
+    # everywhere downstream; the full mask lets it read its own padded key, the factored one does not)
+    rows = torch.cat([torch.ones(n, 1, dtype=torch.bool), valid], dim=1)
+    full = layer(x, pos, retrieval_attention_mask(gate, valid, "hard"))[rows]
+    (gx_full,) = torch.autograd.grad(full.square().sum(), x)
+    key_mask, self_only = hard_mask_parts(gate, valid)
+    assert key_mask is not None and key_mask.shape == (n, 1, 1, 1 + lv)
+    fused = layer(x, pos, key_mask, self_only)[rows]
+    (gx_fused,) = torch.autograd.grad(fused.square().sum(), x)
+    torch.testing.assert_close(fused, full)
+    torch.testing.assert_close(gx_fused[rows], gx_full[rows])
+    # without padding the key mask is dropped altogether (None = the unmasked fused kernel)
+    assert hard_mask_parts(gate, torch.ones(n, lv, dtype=torch.bool))[0] is None
 
 
 def test_additive_mask_matches_hand_computation() -> None:

@@ -140,7 +140,7 @@ class FeedForward(nn.Module):
         if self.training and self.p > 0.0:
             hidden = _ReluDropout.apply(hidden, self.p)
         else:
-            hidden = F.relu(hidden)
+            hidden = hidden.relu_()  # in place: addmm does not save its output, so autograd allows it
         return self.linear2(hidden).view(*x.shape[:-1], -1)
 
 
@@ -222,18 +222,43 @@ class TextConditioning(nn.Module):
 class SelfAttentionLayer(AttentionBlock):
     """Post-norm self-attention layer: positions on queries and keys (not values), then FFN."""
 
-    def forward(self, x: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
-        """x, pos (N, L, D); mask broadcastable to (N, H, L, L), bool or additive float -> (N, L, D)."""
+    def forward(self, x: Tensor, pos: Tensor, mask: Tensor | None, self_only: Tensor | None = None) -> Tensor:
+        """x, pos (N, L, D); mask broadcastable to (N, H, L, L), bool or additive float, or None -> (N, L, D).
+
+        ``self_only`` (N, L) bool marks rows that attend to their own key only: their attention output is their
+        own value, exactly what a mask allowing only the diagonal gives, without an (N, L, L) mask (which would
+        push SDPA off its fused kernel).  The other rows use ``mask``.  (With attention dropout a self-only row keeps
+        its value undropped, where the full mask would drop its single weight with probability p.)
+        """
         qk_in = x + pos
         q = split_heads(self.q_proj(qk_in), self.heads)  # (N, H, L, D/H)
         k = split_heads(self.k_proj(qk_in), self.heads)
-        v = split_heads(self.v_proj(x), self.heads)
+        value = self.v_proj(x)  # (N, L, D)
+        v = split_heads(value, self.heads)
         attn = merge_heads(attend(q, k, v, mask, self.attention_dropout if self.training else 0.0))
+        if self_only is not None:
+            attn = torch.where(self_only[..., None], value, attn)  # softmax over one key = that key's value
         x = self.norm1(x + self.drop_attn(self.out_proj(attn)))
         return self.norm2(x + self.drop_ffn(self.ffn(x)))
 
 
 MaskMode = Literal["hard", "additive", "none"]
+
+
+def hard_mask_parts(gate: Tensor, frame_valid: Tensor) -> tuple[Tensor | None, Tensor]:
+    """The ``hard`` mask of :func:`retrieval_attention_mask`, factored for the fused attention kernels.
+
+    An irrelevant frame's row may read only itself and every other row reads every valid key, so the (N, L, L)
+    mask is a key-padding mask (N, 1, 1, L) (None when nothing is padded) plus the set of self-only rows (N, L)
+    (see ``SelfAttentionLayer.forward``).  Same result as the full mask on every row that matters, with O(L) instead
+    of O(L^2) mask memory; only a *padded* relevant frame's row differs (the full mask lets it read its own padded
+    key), and a padded row feeds nothing (it is a masked key everywhere downstream).
+    """
+    n = gate.shape[0]
+    key_valid = torch.cat([frame_valid.new_ones(n, 1), frame_valid], dim=1)  # (N, L)
+    self_only = torch.cat([frame_valid.new_zeros(n, 1), gate.detach() < 0.5], dim=1)  # (N, L) irrelevant rows
+    key_mask = None if bool(key_valid.all()) else key_valid[:, None, None, :]
+    return key_mask, self_only
 
 
 def retrieval_attention_mask(gate: Tensor, frame_valid: Tensor, mode: MaskMode) -> Tensor:
@@ -303,11 +328,15 @@ class RGEncoder(nn.Module):
             frame_logit, gate = self.sampler(frames)  # (N, Lv) each
         else:
             frame_logit, gate = frames.new_zeros(frames.shape[:2]), frames.new_ones(frames.shape[:2])
-        mask = retrieval_attention_mask(gate, frame_valid, self.mask_mode)
+        self_only: Tensor | None = None
+        if self.mask_mode == "hard":
+            mask, self_only = hard_mask_parts(gate, frame_valid)
+        else:
+            mask = retrieval_attention_mask(gate, frame_valid, self.mask_mode)
         x = torch.cat([self.token.to(frames.dtype).expand(n, 1, d), frames], dim=1)  # (N, 1+Lv, D)
         x_pos = torch.cat([self.token_pos.to(pos.dtype).expand(n, 1, d), pos], dim=1)  # (N, 1+Lv, D)
         for layer in self.layers:
-            x = layer(x, x_pos, mask)
+            x = layer(x, x_pos, mask, self_only)
         context, content = x[:, 0], x[:, 1:]  # r (N, D), c (N, Lv, D)
         proposal = content + gate[..., None].to(content.dtype) * context[:, None, :]  # Eq. 5: P = c + g * r
         return EncoderState(proposal, context, frame_logit, gate)
@@ -331,7 +360,7 @@ class PlainEncoder(nn.Module):
         frames = self.cross(frames, pos, text, text_mask, text_index)  # (N, Lv, D)
         # padding mask only; a window without any valid frame (never produced by the data) attends to all, not NaN
         key_valid = frame_valid | ~frame_valid.any(dim=-1, keepdim=True)
-        mask = key_valid[:, None, None, :]  # (N, 1, 1, Lv)
+        mask = None if bool(key_valid.all()) else key_valid[:, None, None, :]  # (N, 1, 1, Lv); None: fastest kernel
         for layer in self.layers:
             frames = layer(frames, pos, mask)
         weight = frame_valid.to(frames.dtype)[..., None]  # (N, Lv, 1)
