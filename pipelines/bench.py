@@ -26,6 +26,12 @@ from rgnet.io import atomic_write_json
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rgnet bench", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--data",
+        action="store_true",
+        help="benchmark the Ray Data training pipeline instead: throughput vs one process, worker memory under a "
+        "budget (options: rgnet bench --data --help)",
+    )
     p.add_argument("--out", default="bench_model.json", help="JSON file for the results (default: %(default)s)")
     p.add_argument("--preset", default=None, help="take the model config from this preset (default: full-size RGNet)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
@@ -287,6 +293,11 @@ def _run_child(argv: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--data" in argv:  # the Ray Data pipeline benchmark has its own options
+        from pipelines import bench_data
+
+        return bench_data.main(argv)
     args = build_parser().parse_args(argv)
     if args.part != "all":
         return _child(args)

@@ -42,6 +42,10 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
+class SetupError(RuntimeError):
+    """The environment a job needs is not usable (tracking server, Ray cluster); the message says how to fix it."""
+
+
 def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -53,7 +57,7 @@ def run_guarded(fn: Any, *args: Any) -> int:
 
     try:
         return int(fn(*args) or 0)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, SetupError, FileNotFoundError) as e:
         return fail(str(e))
 
 

@@ -1,29 +1,42 @@
-"""Ray Data: annotation table + feature files -> training candidates and evaluation work items.
+"""Ray Data: annotation table + feature files -> the training batches of every Ray Train worker.
 
-Work is sharded by video: the dataset has one row per video (its key and the ids of its queries); a map stage
-(:class:`VideoCandidates`, a callable class so the feature files are opened lazily once per Ray worker process)
-reads each video's features once and emits one row per query with the query's positive windows, GT, text tokens
-and (for same-video negatives) its negative window.  Execution is streaming: nothing is materialised, so memory
-per worker stays bounded by the blocks in flight, whatever the dataset size.  Train workers read their shard with
-``get_dataset_shard("train")`` and sample the epoch's positive window and hinge frames in the collate function
-(:func:`collate_candidates`), seeded by (seed, epoch, query id) exactly as the local loader does.
+Work is sharded by video: the dataset starts as one row per video (its key and the ids of its queries); a map
+stage (:func:`read_video`, backed by :class:`VideoCandidates`, a callable class that opens the split lazily and
+keeps the HDF5 handles as its state, built once per Ray worker process and cached there) reads each video's
+features once per epoch and emits one row per query with
+the query's positive windows, clipped GT, in-moment frame ranges, text tokens and (for same-video negatives) its
+negative window (``rgnet.data.samples.train_candidates``).  Execution is streaming: nothing is materialised, so
+memory stays bounded by the blocks in flight whatever the dataset size (``pipelines.bench --data`` measures it).
+
+Train workers read their shard with ``ray.train.get_dataset_shard("train")`` and call :func:`epoch_batches` every
+epoch; its collate function draws each query's positive window and hinge frames with
+``item_rng(seed, epoch, query_id)``, exactly as the local loader does, so the samples do not depend on how the
+rows were sharded or ordered.
+
+Glossary: n positive windows of a query, W frames per window, Dv / Dt video / text widths, L query tokens.
 """
 
 from __future__ import annotations
 
+import json
 import zlib
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import ray
+from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import Tensor
 
 from rgnet.config import Config, from_dict, to_dict
 from rgnet.data.dataset import SplitData, open_split
 from rgnet.data.samples import WindowSpec, collate_train, item_rng, sample_train_item, train_candidates
 
-# Columns of a candidate row (variable-shaped arrays travel as Ray's variable-shaped tensor columns).
+if TYPE_CHECKING:
+    import ray.data
+
+# Columns of a candidate row besides ``query_id``; the variable-shaped ones (windows (n, W, Dv), text (L, Dt) and
+# the per-window vectors (n,)) travel as Ray's variable-shaped tensor columns.  neg_video / neg_len exist only with
+# same-video negatives, sentence only when the dataset has sentence features.
 CANDIDATE_COLUMNS = (
     "windows",
     "window_len",
@@ -36,6 +49,7 @@ CANDIDATE_COLUMNS = (
     "neg_len",
     "sentence",
 )
+MAX_VIDEO_BLOCKS = 256  # one block (= one map task input) per video up to this many; block order is shuffled
 
 
 def video_table(data: SplitData) -> list[dict[str, Any]]:
@@ -47,7 +61,12 @@ def video_table(data: SplitData) -> list[dict[str, Any]]:
 
 
 class VideoCandidates:
-    """Ray Data map: one video row -> one candidate row per query. Opens the split once per worker process."""
+    """Ray Data map: one video row -> one candidate row per query of the video.
+
+    Constructed once per Ray worker process (an actor of the map stage): the split is opened here, with its
+    metadata checks, and the feature stores open their files on first read.  ``cfg`` is the resolved config as a
+    plain dict (what travels to Ray processes).
+    """
 
     def __init__(self, cfg: dict[str, Any], split: str) -> None:
         self.cfg = from_dict(cfg)
@@ -57,7 +76,7 @@ class VideoCandidates:
         self.need_negative = self.cfg.loss.negatives in ("same_video", "both")
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        frames = self.data.video(str(row["video_key"]))  # the whole video, read once for all its queries
+        frames = self.data.video(str(row["video_key"]))  # (T, Dv): the whole video, read once for all its queries
         out = []
         for qid in row["query_ids"]:
             rec = self.records[str(qid)]
@@ -68,36 +87,95 @@ class VideoCandidates:
         return out
 
 
-def build_train_dataset(cfg: Config, split: str | None = None) -> ray.data.Dataset:
-    """The streaming training dataset of candidate rows (one Ray Data read task per video block)."""
-    data = open_split(cfg.data, split or cfg.data.train_split)
+# Per worker process: (config as JSON, split) -> its open reader.  Map *tasks* with this cache rather than an actor
+# pool of VideoCandidates: Ray Data starts a new actor pool at every execution (every epoch), which costs a process
+# start and the torch import per actor per epoch (about 8 s per epoch on the tiny preset here), while task worker
+# processes are reused across executions (about 1 s per epoch after the first).
+_READERS: dict[tuple[str, str], VideoCandidates] = {}
+
+
+def read_video(row: dict[str, Any], cfg: dict[str, Any], split: str) -> list[dict[str, Any]]:
+    """Ray Data flat_map task: :class:`VideoCandidates` of this process (built on first use) applied to ``row``."""
+    key = (json.dumps(cfg, sort_keys=True), split)
+    reader = _READERS.get(key)
+    if reader is None:
+        reader = _READERS[key] = VideoCandidates(cfg, split)
+    return reader(row)
+
+
+def build_train_dataset(cfg: Config, data: SplitData) -> ray.data.Dataset:
+    """The streaming dataset of candidate rows for the (already opened and checked) training split ``data``.
+
+    The video table is tiny and lives in the object store; its block order is reshuffled at every execution (every
+    epoch), then the map tasks (at most ``ray.data_workers`` at a time, ``ray.data_cpus`` CPUs each) read the
+    features.
+    """
+    import ray.data
+
     table = video_table(data)
-    ds = ray.data.from_items(table, override_num_blocks=max(1, min(len(table), 64)))
-    return ds.flat_map(
-        VideoCandidates,
-        fn_constructor_args=(to_dict(cfg), data.split),
-        concurrency=(1, max(1, int(cfg.ray.data_workers))),
+    videos: ray.data.Dataset = ray.data.from_items(table, override_num_blocks=max(1, min(len(table), MAX_VIDEO_BLOCKS)))
+    videos = videos.randomize_block_order(
+        seed=ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
+    )
+    return videos.flat_map(
+        read_video,  # type: ignore[arg-type]  # Ray's stub does not know fn_args
+        fn_args=(to_dict(cfg), data.split),
+        compute=ray.data.TaskPoolStrategy(size=max(1, cfg.ray.data_workers)),
         num_cpus=cfg.ray.data_cpus,
     )
 
 
-def collate_candidates(
-    cfg: Config, epoch_of: Callable[[], int]
-) -> Callable[[dict[str, np.ndarray]], dict[str, Tensor]]:
-    """A collate function for ``iter_torch_batches``: sample each row's item for the current epoch, then batch."""
-    seed, negatives = cfg.train.seed, cfg.loss.negatives
+class CollateCandidates(NumpyBatchCollateFn):
+    """``iter_torch_batches`` collate: draw each row's training item for ``epoch`` (0-based), then build the batch.
 
-    def collate(batch: dict[str, np.ndarray]) -> dict[str, Tensor]:
-        epoch = epoch_of()
+    Ray hands the batch as a dict of numpy arrays (object arrays of ndarrays for the variable-shaped columns, a
+    string array for ``query_id``, which is why a collate function is needed at all).
+    """
+
+    def __init__(self, cfg: Config, epoch: int) -> None:
+        self.seed, self.negatives, self.epoch = cfg.train.seed, cfg.loss.negatives, epoch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Tensor]:  # type: ignore[override]
         items = []
         for i, qid in enumerate(batch["query_id"]):
-            cand = {k: batch[k][i] for k in CANDIDATE_COLUMNS if k in batch}
-            items.append(sample_train_item(cand, item_rng(seed, epoch, str(qid))))
-        return collate_train(items, negatives)
-
-    return collate
+            cand = {k: np.asarray(batch[k][i]) for k in CANDIDATE_COLUMNS if k in batch}
+            items.append(sample_train_item(cand, item_rng(self.seed, self.epoch, str(qid))))
+        return collate_train(items, self.negatives)
 
 
-def shard_seed(seed: int, epoch: int) -> int:
-    """Seed of the local shuffle buffer for an epoch (same order on a resumed run)."""
-    return zlib.crc32(f"{seed}:{epoch}".encode())
+def steps_per_epoch(num_queries: int, world_size: int, cfg: Config) -> int:
+    """Full batches per worker and epoch: the shards are equal (the remainder rows are dropped), so are the steps.
+
+    Every rank must run the same number of steps (DDP all-reduces every step) and the same as the local loader's
+    ``TrainBatches.num_batches`` for the same world size.
+    """
+    n = (num_queries // max(world_size, 1)) // cfg.train.batch_size
+    if cfg.train.max_steps_per_epoch:
+        n = min(n, cfg.train.max_steps_per_epoch)
+    return n
+
+
+def epoch_batches(shard: Any, cfg: Config, epoch: int, num_steps: int, *, rank: int = 0) -> Iterator[dict[str, Tensor]]:
+    """One epoch of model batches from a worker's dataset shard (a ``DataIterator``), at most ``num_steps``.
+
+    A fresh ``iter_torch_batches`` per epoch streams a new pass over the data.  The local shuffle buffer mixes
+    queries of different videos into a batch (rows arrive video by video); its seed depends on (seed, epoch, rank).
+    """
+    bs = cfg.train.batch_size
+    batches = shard.iter_torch_batches(
+        batch_size=bs,
+        collate_fn=CollateCandidates(cfg, epoch),
+        drop_last=True,
+        local_shuffle_buffer_size=max(4 * bs, 64),
+        local_shuffle_seed=shuffle_seed(cfg.train.seed, epoch, rank),
+        prefetch_batches=2,
+    )
+    for step, batch in enumerate(batches):
+        if step >= num_steps:
+            break
+        yield batch
+
+
+def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of a worker's local shuffle buffer for an epoch (the same on a resumed run)."""
+    return zlib.crc32(f"{seed}:{epoch}:{rank}".encode())

@@ -7,8 +7,12 @@ challenge / Moment-DETR submission files::
     rgnet evaluate --predictions runs/x/predictions_val.jsonl --annotations data/nlq_val.json --layout ego4d \\
         --profile rgnet --out report.json --export-ego4d submission.json
 
-Each mode is one function returning the report (``evaluate_prediction_file``); ``main`` only parses, dispatches
-and prints, so a further mode (a model checkpoint on a split) plugs in next to it.
+Checkpoint mode runs two-stage inference with a trained model on a split of its dataset, then the same metrics;
+the model is a checkpoint file (``--checkpoint runs/NAME/best.pt``) or the best model a distributed run logged to
+MLflow (``--model-uri runs:/<run_id>/model`` or ``models:/<name>/<version>``, with ``--tracking-uri``).
+
+Each mode is one function returning the report (``evaluate_prediction_file``, ``evaluate_checkpoint``); ``main``
+only parses, dispatches and prints.
 """
 
 from __future__ import annotations
@@ -33,46 +37,112 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     src = p.add_argument_group("prediction-file mode")
-    src.add_argument("--predictions", metavar="FILE",
-                     help="prediction file (JSON Lines rows {query_id, video_id, predictions, [windows]})")
-    src.add_argument("--annotations", metavar="FILE",
-                     help="ground-truth annotation file (MAD_*.json, nlq_*.json, or native .jsonl/.parquet)")
-    src.add_argument("--layout", choices=get_args(Layout), default=data.layout,
-                     help=f"layout of the annotation file (default: {data.layout})")
-    src.add_argument("--mad-gt-field", choices=("timestamps", "ext_timestamps"), default=data.mad_gt_field,
-                     help=f"MAD only: which annotation field is the ground truth (default: {data.mad_gt_field})")
-    src.add_argument("--keep-zero-length", action="store_true",
-                     help="keep zero-length ground-truth moments (default: drop them, with their predictions, and "
-                          "count them in the log, as training does)")
+    src.add_argument(
+        "--predictions",
+        metavar="FILE",
+        help="prediction file (JSON Lines rows {query_id, video_id, predictions, [windows]})",
+    )
+    src.add_argument(
+        "--annotations",
+        metavar="FILE",
+        help="ground-truth annotation file (MAD_*.json, nlq_*.json, or native .jsonl/.parquet)",
+    )
+    src.add_argument(
+        "--layout",
+        choices=get_args(Layout),
+        default=data.layout,
+        help=f"layout of the annotation file (default: {data.layout})",
+    )
+    src.add_argument(
+        "--mad-gt-field",
+        choices=("timestamps", "ext_timestamps"),
+        default=data.mad_gt_field,
+        help=f"MAD only: which annotation field is the ground truth (default: {data.mad_gt_field})",
+    )
+    src.add_argument(
+        "--keep-zero-length",
+        action="store_true",
+        help="keep zero-length ground-truth moments (default: drop them, with their predictions, and "
+        "count them in the log, as training does)",
+    )
 
     ck = p.add_argument_group("checkpoint mode (two-stage inference with a trained model, then the same metrics)")
     ck.add_argument("--checkpoint", metavar="FILE", help="a checkpoint written by rgnet train (e.g. runs/NAME/best.pt)")
-    ck.add_argument("--split", default="val",
-                    help="which split of the checkpoint's dataset: train, val or test (default: val)")
+    ck.add_argument(
+        "--model-uri",
+        metavar="URI",
+        help="instead of --checkpoint: the best model an `rgnet train` run logged to MLflow, runs:/<run_id>/model or "
+        "models:/<name>/<version> (printed at the end of training)",
+    )
+    ck.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow tracking URI for --model-uri (default: $MLFLOW_TRACKING_URI, else "
+        "sqlite:///<absolute cwd>/mlflow.db, the default of rgnet train)",
+    )
+    ck.add_argument(
+        "--split", default="val", help="which split of the checkpoint's dataset: train, val or test (default: val)"
+    )
     ck.add_argument("--predictions-out", metavar="FILE", help="also write the predictions (JSON Lines)")
-    ck.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="key=value",
-                    help="config overrides on top of the checkpoint's config, e.g. eval.top_k_windows=10 "
-                         "data.root=/other/copy (model keys cannot change)")
+    ck.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="*",
+        default=[],
+        metavar="key=value",
+        help="config overrides on top of the checkpoint's config, e.g. eval.top_k_windows=10 "
+        "data.root=/other/copy (model keys cannot change)",
+    )
 
     met = p.add_argument_group("metrics")
-    met.add_argument("--profile", choices=get_args(Profile), default=ev.profile,
-                     help=f"IoU rule: rgnet = IoU > m (RGNet/CONE/Ego4D), geq = IoU >= m (MAD/VLG-Net, SOONet, "
-                          f"Moment-DETR) (default: {ev.profile})")
-    met.add_argument("--recall-ks", type=int, nargs="+", default=list(ev.recall_ks), metavar="K",
-                     help=f"K of Recall@K (default: {' '.join(map(str, ev.recall_ks))})")
-    met.add_argument("--iou", type=float, nargs="+", default=list(ev.iou_thresholds), metavar="M",
-                     help=f"IoU thresholds m (default: {' '.join(map(str, ev.iou_thresholds))}; MAD adds 0.1)")
-    met.add_argument("--retrieval-ks", type=int, nargs="+", default=list(ev.retrieval_ks), metavar="K",
-                     help=f"K of window-retrieval Recall@K, when rows carry ranked windows "
-                          f"(default: {' '.join(map(str, ev.retrieval_ks))})")
-    met.add_argument("--max-predictions", type=int, default=None, metavar="N",
-                     help="use at most the first N predictions per query (default: all in the file)")
+    met.add_argument(
+        "--profile",
+        choices=get_args(Profile),
+        default=ev.profile,
+        help=f"IoU rule: rgnet = IoU > m (RGNet/CONE/Ego4D), geq = IoU >= m (MAD/VLG-Net, SOONet, "
+        f"Moment-DETR) (default: {ev.profile})",
+    )
+    met.add_argument(
+        "--recall-ks",
+        type=int,
+        nargs="+",
+        default=list(ev.recall_ks),
+        metavar="K",
+        help=f"K of Recall@K (default: {' '.join(map(str, ev.recall_ks))})",
+    )
+    met.add_argument(
+        "--iou",
+        type=float,
+        nargs="+",
+        default=list(ev.iou_thresholds),
+        metavar="M",
+        help=f"IoU thresholds m (default: {' '.join(map(str, ev.iou_thresholds))}; MAD adds 0.1)",
+    )
+    met.add_argument(
+        "--retrieval-ks",
+        type=int,
+        nargs="+",
+        default=list(ev.retrieval_ks),
+        metavar="K",
+        help=f"K of window-retrieval Recall@K, when rows carry ranked windows "
+        f"(default: {' '.join(map(str, ev.retrieval_ks))})",
+    )
+    met.add_argument(
+        "--max-predictions",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use at most the first N predictions per query (default: all in the file)",
+    )
 
     out = p.add_argument_group("outputs")
     out.add_argument("--out", metavar="FILE", help="write the JSON report here (atomically)")
     out.add_argument("--export-ego4d", metavar="FILE", help="also write the Ego4D NLQ challenge submission JSON")
-    out.add_argument("--export-moment-detr", metavar="FILE",
-                     help="also write the Moment-DETR submission (JSON Lines with pred_relevant_windows)")
+    out.add_argument(
+        "--export-moment-detr",
+        metavar="FILE",
+        help="also write the Moment-DETR submission (JSON Lines with pred_relevant_windows)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -113,7 +183,9 @@ def evaluate_prediction_file(args: argparse.Namespace) -> dict[str, Any]:
         if zero_ids:
             log.warning(
                 "dropped %d zero-length ground-truth moments (and %d prediction rows for them); "
-                "--keep-zero-length scores them", len(zero_ids), len(rows) - len(kept_rows),
+                "--keep-zero-length scores them",
+                len(zero_ids),
+                len(rows) - len(kept_rows),
             )
 
     report = evaluate(
@@ -144,6 +216,27 @@ def evaluate_prediction_file(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # Mode: model checkpoint on a split
 # ---------------------------------------------------------------------------------------------------------------
+def load_model_uri(uri: str, tracking_uri: str | None) -> dict[str, Any]:
+    """Download an MLflow model folder (runs:/ or models:/ URI) and load its ``checkpoint.pt`` payload."""
+    import os
+    import tempfile
+
+    import mlflow.artifacts
+
+    from pipelines.tracking import probe, resolve_uri
+    from rgnet.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
+
+    store = resolve_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
+    probe(store)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=store, dst_path=tmp)
+        except Exception as e:
+            raise FileNotFoundError(f"cannot download {uri} from the MLflow store {store}: {e}") from e
+        path = os.path.join(local, CHECKPOINT_FILE) if os.path.isdir(local) else local
+        return load_checkpoint(path)
+
+
 def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     """Two-stage inference of a checkpoint on a split of its dataset; the metrics come from the checkpoint's config
     (eval.*) unless overridden with --set."""
@@ -153,7 +246,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     from rgnet.train.checkpoint import load_checkpoint, model_from_payload
     from rgnet.train.loop import evaluate_model, resolve_device
 
-    payload = load_checkpoint(args.checkpoint)
+    payload = load_checkpoint(args.checkpoint) if args.checkpoint else load_model_uri(args.model_uri, args.tracking_uri)
     model, cfg = model_from_payload(payload)
     new_cfg = apply_overrides(cfg, args.overrides)
     if new_cfg.model != cfg.model:
@@ -165,7 +258,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(cfg.train.device)
     data = open_split(cfg.data, split)
     report, rows = evaluate_model(model.to(device), data, cfg, device, progress=cfg.train.progress)
-    report["checkpoint"] = str(args.checkpoint)
+    report["checkpoint"] = str(args.checkpoint or args.model_uri)
     report["checkpoint_epoch"] = int(payload["epoch"])
     report["split"] = split
     if args.predictions_out:
@@ -173,19 +266,21 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-
 def _main(args: argparse.Namespace) -> int:
     from rgnet.eval.metrics import format_table
     from rgnet.io import atomic_write_json
 
-    if args.predictions and args.checkpoint:
-        return fail("give either --predictions (with --annotations) or --checkpoint, not both")
+    if sum(bool(x) for x in (args.predictions, args.checkpoint, args.model_uri)) > 1:
+        return fail("give one of --predictions (with --annotations), --checkpoint or --model-uri")
     if args.predictions:
         report = evaluate_prediction_file(args)
-    elif args.checkpoint:
+    elif args.checkpoint or args.model_uri:
         report = evaluate_checkpoint(args)
     else:
-        return fail("give --predictions FILE --annotations FILE, or --checkpoint FILE (see rgnet evaluate --help)")
+        return fail(
+            "give --predictions FILE --annotations FILE, --checkpoint FILE or --model-uri URI "
+            "(see rgnet evaluate --help)"
+        )
     print(format_table(report))
     if args.out:
         atomic_write_json(args.out, report)

@@ -1,5 +1,20 @@
 """``rgnet train`` / ``python -m pipelines.train``: train RGNet and evaluate the best checkpoint.
 
+By default training is distributed with Ray Train (``TorchTrainer``, ``ray.num_workers`` workers reading a Ray Data
+shard each, see ``pipelines.data`` and ``pipelines.train_worker``) and tracked in MLflow (``pipelines.tracking``).
+The driver (this module) runs, in order:
+
+1. data: generate the synthetic dataset if asked and absent, then open every split here, so that a missing or
+   malformed dataset fails with the reader's message before Ray or any worker starts;
+2. tracking: probe the MLflow store (an unreachable server fails in seconds) and create the run, or reuse the run of
+   an interrupted attempt with the same storage path and run name;
+3. Ray: join ``ray.address`` (or the cluster of a ``ray job submit``) or start a local Ray;
+4. ``TorchTrainer.fit()``: a run with the same ``RunConfig(name, storage_path)`` as an interrupted one resumes from
+   its latest checkpoint (``--fresh`` deletes it and starts over); worker failures restart the worker group from
+   the latest checkpoint, up to ``ray.max_failures`` times;
+5. the best checkpoint (by ``train.selection_metric`` on the validation split) is evaluated on val and test, and
+   logged to MLflow with the reports, the predictions and the plots; the command that opens the run is printed.
+
 ``--local`` trains in this one process (no Ray, no MLflow): checkpoints, the validation predictions of the best
 epoch and the metric reports go to ``train.output_dir/train.run_name``.  Re-running the same command resumes from
 the last checkpoint of that run (``--fresh`` starts over).
@@ -10,30 +25,59 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipelines.common import add_config_args, config_from_args, run_guarded, setup_logging
-from rgnet.config import Config, save_yaml
+from pipelines.common import SetupError, abspath, add_config_args, run_guarded, setup_logging
+from rgnet.config import Config, ConfigError, from_dict, load_config, save_yaml
 
 log = logging.getLogger("rgnet.train")
+
+SMOKE_OVERRIDES = ["train.epochs=2"]  # --smoke-test: the tiny preset (unless one is given), 2 epochs
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rgnet train",
-        description="Train RGNet on a dataset (synthetic by default, generated on first use) and evaluate it.",
+        description="Train RGNet on a dataset (synthetic by default, generated on first use) and evaluate it. "
+        "Distributed on Ray with MLflow tracking by default; --local trains in this process.",
     )
     p.add_argument("--local", action="store_true", help="train in this process only (no Ray, no MLflow)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint of this run and start over")
     p.add_argument(
         "--no-test", action="store_true", help="skip the final evaluation of the best model on the test split"
     )
+    p.add_argument(
+        "--smoke-test",
+        action="store_true",
+        help="a one-minute run: the tiny preset (unless --preset/--config), 2 epochs, run name <name>-smoke",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow tracking URI (same as tracking.uri=URI): http://HOST:PORT for a server (a multi-node cluster "
+        "needs one); default sqlite:///<absolute cwd>/mlflow.db",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_config_args(p)
     return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if args.tracking_uri:
+        overrides.append(f"tracking.uri={args.tracking_uri}")
+    if not args.smoke_test:
+        return load_config(args.preset, args.config, overrides)
+    preset = args.preset or (None if args.config else "tiny")
+    cfg = load_config(preset, args.config, [*SMOKE_OVERRIDES, *overrides])
+    if not any(o.startswith("train.run_name=") for o in overrides):
+        cfg = from_dict({"train": {"run_name": f"{cfg.train.run_name}-smoke"}}, cfg)
+    return cfg
 
 
 def prepare_data(cfg: Config) -> None:
@@ -119,15 +163,364 @@ def run_local(cfg: Config, *, fresh: bool = False, test: bool = True) -> dict[st
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Distributed: Ray Data + Ray Train + MLflow
+# ---------------------------------------------------------------------------------------------------------------
+def resolve_paths(cfg: Config) -> Config:
+    """Absolute paths and tracking URI: Ray processes run in other working directories (and maybe other nodes)."""
+    from pipelines.tracking import resolve_uri
+
+    storage = cfg.ray.storage_path
+    return from_dict(
+        {
+            "data": {"root": abspath(cfg.data.root)},
+            "train": {"output_dir": abspath(cfg.train.output_dir)},
+            "ray": {"storage_path": storage if "://" in storage else abspath(storage)},
+            "tracking": {"uri": resolve_uri(cfg.tracking.uri)},
+        },
+        cfg,
+    )
+
+
+def init_ray(cfg: Config) -> bool:
+    """Join ``ray.address`` (or the cluster of a Ray job), else start a local Ray; True when this call connected."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    try:
+        if cfg.ray.address:
+            ray.init(address=cfg.ray.address)
+        elif os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`: the job's cluster
+            ray.init()
+        else:
+            # the dashboard stays on: Ray Train's placement-group cleaner needs the State API it serves
+            ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=True, dashboard_host="127.0.0.1")
+    except ConnectionError as e:
+        raise SetupError(f"cannot connect to Ray at {cfg.ray.address or os.environ.get('RAY_ADDRESS')}: {e}") from e
+    return True
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail instead of waiting forever when the workers and the data tasks cannot all be placed (local Ray only:
+    an autoscaling cluster may still grow)."""
+    import ray
+
+    total_cpu = ray.cluster_resources().get("CPU", 0.0)
+    need_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker + cfg.ray.data_cpus
+    if need_cpu > total_cpu + 1e-9:
+        raise ConfigError(
+            f"{cfg.ray.num_workers} workers x ray.cpus_per_worker={cfg.ray.cpus_per_worker} CPUs + "
+            f"ray.data_cpus={cfg.ray.data_cpus} for the data tasks need {need_cpu:g} CPUs, but this Ray has "
+            f"{total_cpu:g}: lower ray.num_workers or ray.cpus_per_worker (fractions are fine), or join a bigger "
+            "cluster with ray.address"
+        )
+    if cfg.ray.use_gpu:
+        need_gpu, total_gpu = cfg.ray.num_workers * cfg.ray.gpus_per_worker, ray.cluster_resources().get("GPU", 0.0)
+        if need_gpu > total_gpu + 1e-9:
+            raise ConfigError(f"ray.use_gpu=true needs {need_gpu:g} GPUs but this Ray has {total_gpu:g}")
+
+
+def ray_run_dir(cfg: Config) -> str:
+    return f"{cfg.ray.storage_path.rstrip('/')}/{cfg.train.run_name}"
+
+
+def remove_ray_run(cfg: Config) -> None:
+    """--fresh: delete the run's Ray storage folder (local storage only), so that Ray Train starts over."""
+    if "://" in cfg.ray.storage_path:
+        raise ConfigError(
+            f"--fresh deletes local run folders only; {ray_run_dir(cfg)} is remote: choose a new train.run_name"
+        )
+    path = Path(ray_run_dir(cfg))
+    if not path.exists():
+        return
+    if not any(
+        (path / m).exists() for m in (".validate_storage_marker", "checkpoint_manager_snapshot.json", RUN_CONFIG_FILE)
+    ):
+        raise ConfigError(f"--fresh: {path} does not look like a Ray Train run folder; not deleting it")
+    shutil.rmtree(path)
+    print(f"--fresh: deleted the Ray Train run folder {path}", flush=True)
+
+
+RUN_CONFIG_FILE = "rgnet_config.json"  # in the Ray run folder: the config the run started with
+SAME_RUN_SECTIONS = ("data", "windows", "model")  # what a resumed run's checkpoints depend on
+
+
+def check_same_run(cfg: Config) -> None:
+    """A resumed Ray run must be the same experiment: same data, windows and model as when it started.
+
+    Ray Train resumes by (storage path, run name) alone, so `rgnet train` started elsewhere with the defaults would
+    otherwise continue another run's checkpoints.  The first start records its config in the run folder (local
+    storage only); a later start with different data/windows/model keys is an error naming them.
+    """
+    from pipelines.tracking import flatten
+    from rgnet.config import to_dict
+
+    if "://" in cfg.ray.storage_path:
+        return
+    path = Path(ray_run_dir(cfg)) / RUN_CONFIG_FILE
+    now = {k: v for k, v in to_dict(cfg).items() if k in SAME_RUN_SECTIONS}
+    if path.exists():
+        before = flatten(json.loads(path.read_text()))
+        changed = sorted(k for k, v in flatten(now).items() if before.get(k) != v)
+        if changed:
+            shown = ", ".join(f"{k}: {before.get(k)} -> {flatten(now)[k]}" for k in changed[:5])
+            more = ", ..." if len(changed) > 5 else ""
+            raise ConfigError(
+                f"Ray run {ray_run_dir(cfg)} was started with other settings ({shown}{more}): resuming it would "
+                "continue that experiment. Use --fresh to start over, or another train.run_name"
+            )
+        return
+    from rgnet.io import atomic_write_json
+
+    atomic_write_json(path, now)
+
+
+def fit_on_ray(
+    cfg: Config, train_data: Any, handle: Any, *, verbose: bool = False, callbacks: list[Any] | None = None
+) -> Any:
+    """Build the dataset and the TorchTrainer and run it; returns the ``ray.train.Result``.
+
+    ``handle`` (a ``tracking.RunHandle`` or None) gets the epochs through :class:`pipelines.tracking.EpochLogger`;
+    ``callbacks`` are further ``ray.train.UserCallback`` objects (a Tune trial passes Ray's ``TuneReportCallback``).
+    """
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.data import build_train_dataset
+    from pipelines.tracking import EpochLogger
+    from pipelines.train_worker import SELECTION_SCORE, train_fn_per_worker
+    from rgnet.config import to_dict
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one line per epoch instead
+    user_callbacks: list[Any] = [EpochLogger(handle.uri, handle.run_id, cfg.train.epochs)] if handle is not None else []
+    user_callbacks += callbacks or []
+    dataset = build_train_dataset(cfg, train_data)
+    resources = {"CPU": cfg.ray.cpus_per_worker} | ({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.use_gpu else {})
+    if cfg.ray.use_gpu and cfg.train.precision == "fp32":
+        log.info("training on GPUs in fp32; train.precision=bf16 (or fp16) turns on autocast")
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=to_dict(cfg),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.ray.num_workers,
+            use_gpu=cfg.ray.use_gpu,  # gloo on CPU, NCCL on GPU (Ray's default backend choice)
+            resources_per_worker=resources,
+            placement_strategy=cfg.ray.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(  # type: ignore[call-arg]  # the stub is Train V1's RunConfig
+            name=cfg.train.run_name,
+            storage_path=cfg.ray.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.ray.checkpoints_to_keep,  # Ray also keeps the latest, for resume
+                checkpoint_score_attribute=SELECTION_SCORE,
+                checkpoint_score_order="max",
+            ),
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
+            callbacks=user_callbacks,
+        ),
+        datasets={"train": dataset},
+    )
+    return trainer.fit()
+
+
+def run_ray(
+    cfg: Config, *, preset: str | None = None, fresh: bool = False, test: bool = True, verbose: bool = False
+) -> dict[str, Any]:
+    """Distributed training and evaluation (module docstring); returns the final reports, the best checkpoint path
+    and the MLflow run id."""
+    from pipelines import tracking
+    from pipelines.data import steps_per_epoch
+    from rgnet.data.dataset import open_split
+
+    if cfg.ray.num_workers < 1:
+        raise ConfigError("ray.num_workers must be >= 1 for training on Ray (use --local for one process)")
+    cfg = resolve_paths(cfg)
+    prepare_data(cfg)
+    # 1. Data, opened here: a missing or malformed dataset fails now, before Ray and its workers start.
+    splits = {"train": open_split(cfg.data, cfg.data.train_split), "val": open_split(cfg.data, cfg.data.val_split)}
+    if test and cfg.data.test_split and cfg.data.test_split != cfg.data.val_split:
+        splits["test"] = open_split(cfg.data, cfg.data.test_split)
+    num_train = len(splits["train"].records)
+    steps = steps_per_epoch(num_train, cfg.ray.num_workers, cfg)
+    if steps == 0:
+        raise ConfigError(
+            f"{num_train} training queries over ray.num_workers={cfg.ray.num_workers} make no full batch of "
+            f"train.batch_size={cfg.train.batch_size}: lower one of them"
+        )
+    if not fresh:
+        check_same_run(cfg)  # resuming another experiment's checkpoints is an error, before anything is created
+    # 2. Tracking, probed before Ray starts: an unreachable server is an error within seconds.
+    handle = (
+        tracking.open_run(cfg, run_key=ray_run_dir(cfg), preset=preset, fresh=fresh) if cfg.tracking.enabled else None
+    )
+    if fresh:
+        remove_ray_run(cfg)
+        check_same_run(cfg)  # records the new run's settings
+    elif Path(ray_run_dir(cfg), "checkpoint_manager_snapshot.json").exists():
+        print(f"resuming Ray Train run {ray_run_dir(cfg)} from its latest checkpoint (--fresh starts over)", flush=True)
+    if handle is not None:
+        verb = "reusing" if handle.resumed else "created"
+        print(
+            f"MLflow: {verb} run {handle.run_id} in experiment {cfg.tracking.experiment!r} at {handle.uri}", flush=True
+        )
+    status, connected = "FAILED", False
+    try:
+        # 3. Ray
+        connected = init_ray(cfg)
+        if not cfg.ray.address and not os.environ.get("RAY_ADDRESS"):
+            check_resources(cfg)
+        print(
+            f"training {cfg.train.run_name}: {cfg.ray.num_workers} Ray Train workers x {cfg.ray.cpus_per_worker:g} CPU"
+            f"{' + GPU' if cfg.ray.use_gpu else ''}, {num_train} train / {len(splits['val'].records)} val queries, "
+            f"{steps} steps per epoch per worker, {cfg.train.epochs} epochs; checkpoints in {ray_run_dir(cfg)}",
+            flush=True,
+        )
+        # 4. Train
+        result = fit_on_ray(cfg, splits["train"], handle, verbose=verbose)
+        # 5. Evaluate the best checkpoint, log the artifacts
+        out = finish_training(cfg, result, splits, handle)
+        status = "FINISHED"
+        return out
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (`ray job stop`), which Ray turns into an exit
+        status = "KILLED"
+        raise
+    finally:
+        if handle is not None:
+            tracking.finish(handle, status)
+        if connected:
+            import ray
+
+            ray.shutdown()
+
+
+def finish_training(cfg: Config, result: Any, splits: dict[str, Any], handle: Any) -> dict[str, Any]:
+    """Copy the best checkpoint to ``output_dir/run_name``, evaluate it on val (and test), log it all to MLflow."""
+    from pipelines import tracking
+    from pipelines.train_worker import SELECTION_SCORE, VAL_PREDICTIONS_FILE, VAL_REPORT_FILE
+    from rgnet.eval.metrics import format_table
+    from rgnet.eval.predictions import write_predictions
+    from rgnet.io import atomic_write_json, atomic_write_text
+    from rgnet.train import checkpoint as ckpt
+    from rgnet.train.loop import evaluate_model, resolve_device
+
+    best = result.get_best_checkpoint(SELECTION_SCORE, "max") or result.checkpoint
+    if best is None or result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {ray_run_dir(cfg)} reported no checkpoint")
+    run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, run_dir / "config.yaml")
+    with best.as_directory() as d:
+        shutil.copyfile(Path(d) / ckpt.CHECKPOINT_FILE, run_dir / "best.pt")
+        for name, dest in (
+            (VAL_REPORT_FILE, "best_val_report.json"),
+            (VAL_PREDICTIONS_FILE, "best_val_predictions.jsonl"),
+        ):
+            if (Path(d) / name).exists():
+                shutil.copyfile(Path(d) / name, run_dir / dest)
+    history = tracking.read_history(result.checkpoint)  # the latest checkpoint holds every epoch
+    atomic_write_json(run_dir / "history.json", history)
+    if handle is not None:  # an epoch whose report was never logged (driver killed in between) is logged now
+        tracking.EpochLogger(handle.uri, handle.run_id, cfg.train.epochs).log_history(history)
+
+    device = resolve_device(cfg.train.device)
+    model, _ = ckpt.load_model(run_dir / "best.pt", device)
+    best_epoch = int(ckpt.load_checkpoint(run_dir / "best.pt")["epoch"])
+    out: dict[str, Any] = {"best_epoch": best_epoch, "best_checkpoint": str(run_dir / "best.pt")}
+    tables = []
+    for name, data in splits.items():
+        if name == "train":
+            continue
+        report, rows = evaluate_model(model.to(device), data, cfg, device)
+        atomic_write_json(run_dir / f"report_{name}.json", report)
+        write_predictions(run_dir / f"predictions_{name}.jsonl", rows)
+        table = f"{name} split ({data.split}), best checkpoint (epoch {best_epoch}):\n{format_table(report)}"
+        tables.append(table)
+        print("\n" + table, flush=True)
+        out[name] = report
+    atomic_write_text(run_dir / "metrics.txt", "\n\n".join(tables) + "\n")
+
+    print(f"\nrun folder: {run_dir}\n  evaluate again: rgnet evaluate --checkpoint {run_dir / 'best.pt'} --split val")
+    if handle is not None:
+        out["run_id"] = handle.run_id
+        out["model_uri"], out["registered_model_uri"] = log_results(cfg, handle, run_dir, history, out, best_epoch)
+        print(
+            f"  MLflow run {handle.run_id}; best model: rgnet evaluate --model-uri {out['model_uri']} "
+            f"--tracking-uri {handle.uri} --split val"
+        )
+        if out["registered_model_uri"]:
+            print(f"  registered as {out['registered_model_uri']}")
+        print(
+            f"  open the run: {tracking.ui_command(handle.uri)}, then "
+            f"http://127.0.0.1:5000/#/experiments/{handle.experiment_id}/runs/{handle.run_id}"
+            if handle.uri.startswith("sqlite")
+            else f"  open the run: {handle.uri.rstrip('/')}/#/experiments/{handle.experiment_id}/runs/{handle.run_id}"
+        )
+    return out
+
+
+def log_results(
+    cfg: Config, handle: Any, run_dir: Path, history: list[dict[str, Any]], out: dict[str, Any], best_epoch: int
+) -> tuple[str, str | None]:
+    """Artifacts and final metrics of a finished run; returns the model's runs:/ URI and its registry URI."""
+    from mlflow.entities import Metric
+
+    from pipelines import tracking
+
+    client = handle.client()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        model_dir.mkdir()
+        shutil.copyfile(run_dir / "best.pt", model_dir / "checkpoint.pt")
+        shutil.copyfile(run_dir / "config.yaml", model_dir / "config.yaml")
+        client.log_artifacts(handle.run_id, str(model_dir), "model")  # the run's current best
+        # an immutable copy per best epoch: what a registered version points to (a resumed run may find a new best)
+        client.log_artifacts(handle.run_id, str(model_dir), f"models/epoch_{best_epoch}")
+        plots = Path(tmp) / "plots"
+        plots.mkdir()
+        for png in tracking.plot_history(history, plots, cfg.train.selection_metric):
+            client.log_artifact(handle.run_id, str(png), "plots")
+    for name in ("best_val_report.json", "best_val_predictions.jsonl"):
+        if (run_dir / name).exists():
+            client.log_artifact(handle.run_id, str(run_dir / name), "best_epoch")
+    for name in (
+        "metrics.txt",
+        "history.json",
+        *(f"report_{s}.json" for s in ("val", "test")),
+        *(f"predictions_{s}.jsonl" for s in ("val", "test")),
+    ):
+        if (run_dir / name).exists():
+            client.log_artifact(handle.run_id, str(run_dir / name), "reports")
+    have = set(client.get_run(handle.run_id).data.metrics)
+    ts = int(__import__("time").time() * 1000)
+    final = {"best_epoch": float(best_epoch)}
+    for split in ("val", "test"):
+        if split in out:
+            final.update({f"final_{split}/{k}": float(v) for k, v in out[split]["metrics"].items()})
+    metrics = [Metric(tracking.metric_key(k), v, ts, 0) for k, v in final.items() if tracking.metric_key(k) not in have]
+    if metrics:
+        client.log_batch(handle.run_id, metrics=metrics)
+    model_uri = f"runs:/{handle.run_id}/model"
+    registered = tracking.register_model(
+        handle, f"{cfg.tracking.experiment}-{cfg.train.run_name}", best_epoch, f"models/epoch_{best_epoch}"
+    )
+    return model_uri, registered
+
+
 def _main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    if not args.local:
-        print(
-            "error: distributed training on Ray is not built yet; run `rgnet train --local` (one process)",
-            file=sys.stderr,
+    if args.local:
+        reports = run_local(cfg, fresh=args.fresh, test=not args.no_test)
+    else:
+        reports = run_ray(
+            cfg,
+            preset=args.preset or ("tiny" if args.smoke_test and not args.config else None),
+            fresh=args.fresh,
+            test=not args.no_test,
+            verbose=args.verbose,
         )
-        return 2
-    reports = run_local(cfg, fresh=args.fresh, test=not args.no_test)
     log.debug("final reports: %s", json.dumps(reports)[:2000])
     return 0
 

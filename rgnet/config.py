@@ -216,6 +216,8 @@ class RayConfig:
     gpus_per_worker: float = 1.0  # used only when use_gpu
     data_cpus: float = 0.5  # CPUs per Ray Data read task
     data_workers: int = 2  # at most this many Ray Data map actors read features
+    # how Ray places the workers: PACK fills a node first; SPREAD puts them on different nodes where it can
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     storage_path: str = "~/ray_results"  # shared storage (S3/GCS/NFS) on a multi-node cluster
     checkpoints_to_keep: int = 2
@@ -369,7 +371,7 @@ def _merge(obj: Any, data: Mapping[str, Any], prefix: str, source: str) -> Any:
     changes: dict[str, Any] = {}
     for key, value in data.items():
         if key not in names:
-            valid = [k[len(prefix):] for k in all_keys(Config) if k.startswith(prefix)]
+            valid = [k[len(prefix) :] for k in all_keys(Config) if k.startswith(prefix)]
             raise _unknown(f"{prefix}{key}", (prefix + v for v in valid), source)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):

@@ -127,12 +127,14 @@ def _win_rows(windows: dict[str, list[list[float]] | None]) -> list[PredictionRo
 def test_retrieval_recall() -> None:
     records = [_rec("r1", 50.0, 55.0), _rec("r2", 96.0, 96.0), _rec("r3", 48.0, 48.0), _rec("r4", 0.0, 5.0)]
     # the video's windows: [0, 48) [24, 72) [48, 96) seconds
-    rows = _win_rows({
-        "r1": [[0.0, 48.0, 0.9], [24.0, 72.0, 0.5], [48.0, 96.0, 0.3]],  # first positive at rank 2
-        "r2": [[48.0, 96.0, 0.9], [0.0, 48.0, 0.5], [24.0, 72.0, 0.1]],  # point at the video's end: last window
-        "r3": [[0.0, 48.0, 0.9], [48.0, 96.0, 0.8], [24.0, 72.0, 0.1]],  # point 48 is not in [0, 48)
-        "r4": None,  # no ranked windows: a miss
-    })
+    rows = _win_rows(
+        {
+            "r1": [[0.0, 48.0, 0.9], [24.0, 72.0, 0.5], [48.0, 96.0, 0.3]],  # first positive at rank 2
+            "r2": [[48.0, 96.0, 0.9], [0.0, 48.0, 0.5], [24.0, 72.0, 0.1]],  # point at the video's end: last window
+            "r3": [[0.0, 48.0, 0.9], [48.0, 96.0, 0.8], [24.0, 72.0, 0.1]],  # point 48 is not in [0, 48)
+            "r4": None,  # no ranked windows: a miss
+        }
+    )
     report = evaluate(rows, records, profile="rgnet", recall_ks=[1], iou_thresholds=[0.5], retrieval_ks=[1, 2, 3])
     m = report["metrics"]
     assert m["retrieval_R1"] == pytest.approx(25.0)  # r2
@@ -197,12 +199,30 @@ def test_format_table() -> None:
 # --- the `rgnet evaluate` pipeline (prediction-file mode) -------------------------------------------------------------
 def _write_native_annotations(path: Path) -> None:
     rows = [
-        {"query_id": "a", "video_id": "v1", "query": "a man sits", "start_sec": 0.0, "end_sec": 4.0,
-         "duration_sec": 96.0},
-        {"query_id": "b", "video_id": "v1", "query": "a door opens", "start_sec": 50.0, "end_sec": 55.0,
-         "duration_sec": 96.0},
-        {"query_id": "c", "video_id": "v2", "query": "rain falls", "start_sec": 10.0, "end_sec": 20.0,
-         "duration_sec": 40.0},
+        {
+            "query_id": "a",
+            "video_id": "v1",
+            "query": "a man sits",
+            "start_sec": 0.0,
+            "end_sec": 4.0,
+            "duration_sec": 96.0,
+        },
+        {
+            "query_id": "b",
+            "video_id": "v1",
+            "query": "a door opens",
+            "start_sec": 50.0,
+            "end_sec": 55.0,
+            "duration_sec": 96.0,
+        },
+        {
+            "query_id": "c",
+            "video_id": "v2",
+            "query": "rain falls",
+            "start_sec": 10.0,
+            "end_sec": 20.0,
+            "duration_sec": 40.0,
+        },
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -213,17 +233,40 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     ann = tmp_path / "test.jsonl"
     _write_native_annotations(ann)
     preds = tmp_path / "preds.jsonl"
-    write_predictions(preds, [
-        PredictionRow("a", "v1", [[1.0, 3.0, 0.9], [0.0, 4.0, 0.8]], [[0.0, 48.0, 0.9], [48.0, 96.0, 0.2]]),
-        PredictionRow("b", "v1", [[50.0, 55.0, 0.7]], [[0.0, 48.0, 0.6], [48.0, 96.0, 0.5]]),
-    ])
+    write_predictions(
+        preds,
+        [
+            PredictionRow("a", "v1", [[1.0, 3.0, 0.9], [0.0, 4.0, 0.8]], [[0.0, 48.0, 0.9], [48.0, 96.0, 0.2]]),
+            PredictionRow("b", "v1", [[50.0, 55.0, 0.7]], [[0.0, 48.0, 0.6], [48.0, 96.0, 0.5]]),
+        ],
+    )
     out = tmp_path / "report.json"
     md = tmp_path / "md.jsonl"
-    rc = main([
-        "--predictions", str(preds), "--annotations", str(ann), "--layout", "native", "--profile", "rgnet",
-        "--out", str(out), "--recall-ks", "1", "5", "--iou", "0.3", "0.5", "--retrieval-ks", "1", "2",
-        "--export-moment-detr", str(md),
-    ])
+    rc = main(
+        [
+            "--predictions",
+            str(preds),
+            "--annotations",
+            str(ann),
+            "--layout",
+            "native",
+            "--profile",
+            "rgnet",
+            "--out",
+            str(out),
+            "--recall-ks",
+            "1",
+            "5",
+            "--iou",
+            "0.3",
+            "0.5",
+            "--retrieval-ks",
+            "1",
+            "2",
+            "--export-moment-detr",
+            str(md),
+        ]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     m = report["metrics"]
@@ -265,8 +308,19 @@ def test_cli_zero_length_moments_dropped_with_their_rows_unless_kept(tmp_path: P
     ann = tmp_path / "test.jsonl"
     _write_native_annotations(ann)
     with ann.open("a") as fh:
-        fh.write(json.dumps({"query_id": "z", "video_id": "v2", "query": "a flash", "start_sec": 5.0, "end_sec": 5.0,
-                             "duration_sec": 40.0}) + "\n")
+        fh.write(
+            json.dumps(
+                {
+                    "query_id": "z",
+                    "video_id": "v2",
+                    "query": "a flash",
+                    "start_sec": 5.0,
+                    "end_sec": 5.0,
+                    "duration_sec": 40.0,
+                }
+            )
+            + "\n"
+        )
     preds = tmp_path / "preds.jsonl"
     write_predictions(preds, [PredictionRow("a", "v1", [[0.0, 4.0, 0.9]]), PredictionRow("z", "v2", [[4.0, 6.0, 1.0]])])
     out = tmp_path / "report.json"

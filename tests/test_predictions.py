@@ -72,10 +72,12 @@ GOOD = {"query_id": "q1", "video_id": "v1", "predictions": [[0.0, 1.0, 0.9]]}
         ('{"query_id": "q2", "video_id": "v", "predictions": [[0, NaN, 1]]}', "predictions[0]", "finite numbers"),
         ({"query_id": "q2", "video_id": "v", "predictions": [[0, 1]]}, "predictions[0]", "[start_sec, end_sec"),
         ({"query_id": "q2", "video_id": "v", "predictions": {"a": 1}}, "predictions", "must be a list"),
-        ({"query_id": "q2", "video_id": "v", "predictions": [[0, 1, 0.2], [3, 2, 0.1]]}, "predictions[1]",
-         "after end"),
-        ({"query_id": "q2", "video_id": "v", "predictions": [[0, 1, 0.2], [2, 3, 0.5]]}, "predictions[1]",
-         "sort the list by score"),
+        ({"query_id": "q2", "video_id": "v", "predictions": [[0, 1, 0.2], [3, 2, 0.1]]}, "predictions[1]", "after end"),
+        (
+            {"query_id": "q2", "video_id": "v", "predictions": [[0, 1, 0.2], [2, 3, 0.5]]},
+            "predictions[1]",
+            "sort the list by score",
+        ),
         ({"query_id": "q2", "video_id": "v", "predictions": [], "windows": [[5, 4, 1]]}, "windows[0]", "after end"),
         ({"query_id": "q2", "video_id": "v", "predictions": [], "window": []}, "window", "did you mean 'windows'"),
         ({"query_id": "q1", "video_id": "v", "predictions": []}, "query_id", "duplicate query id"),
@@ -108,11 +110,14 @@ def test_ego4d_challenge_structure(tmp_path: Path) -> None:
     sub = to_ego4d_challenge(ROWS, RECORDS)
     assert sub["version"] == "1.0" and sub["challenge"] == "ego4d_nlq_challenge"
     assert sub["results"] == [
-        {"clip_uid": "clipA", "annotation_uid": "ann7", "query_idx": 0,
-         "predicted_times": [[1.0, 3.5], [10.0, 12.0]]},
+        {"clip_uid": "clipA", "annotation_uid": "ann7", "query_idx": 0, "predicted_times": [[1.0, 3.5], [10.0, 12.0]]},
         {"clip_uid": "clipA", "annotation_uid": "ann7", "query_idx": 12, "predicted_times": []},
-        {"clip_uid": "clipB", "annotation_uid": "xy_z", "query_idx": 3,  # split on the last underscore
-         "predicted_times": [[2.0, 2.0], [0.0, 1.0]]},
+        {
+            "clip_uid": "clipB",
+            "annotation_uid": "xy_z",
+            "query_idx": 3,  # split on the last underscore
+            "predicted_times": [[2.0, 2.0], [0.0, 1.0]],
+        },
     ]
     capped = to_ego4d_challenge(ROWS, RECORDS, max_predictions=1)
     assert [len(r["predicted_times"]) for r in capped["results"]] == [1, 0, 1]

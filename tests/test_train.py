@@ -22,8 +22,12 @@ from rgnet.train.loop import evaluate_model, seed_everything
 def tiny(tmp_path, *overrides: str):
     return load_config(
         "tiny",
-        overrides=[f"data.root={tmp_path / 'data'}", f"train.output_dir={tmp_path / 'runs'}", "train.progress=false",
-                   *overrides],
+        overrides=[
+            f"data.root={tmp_path / 'data'}",
+            f"train.output_dir={tmp_path / 'runs'}",
+            "train.progress=false",
+            *overrides,
+        ],
     )
 
 
@@ -86,8 +90,9 @@ def test_decoder_sees_only_top_k(trained) -> None:
     seen = []
     orig = model.decode
     model.decode = lambda enc, select=None: (seen.append(enc.memory.shape[0]), orig(enc, select))[1]  # type: ignore
-    rows_small, _ = infer_video(model, item, cfg.eval.__class__(**{**cfg.eval.__dict__, "window_chunk": 1}),
-                                torch.device("cpu"))
+    rows_small, _ = infer_video(
+        model, item, cfg.eval.__class__(**{**cfg.eval.__dict__, "window_chunk": 1}), torch.device("cpu")
+    )
     rows_big, _ = infer_video(model, item, cfg.eval, torch.device("cpu"))
     k = min(cfg.eval.top_k_windows, len(item.bounds))
     assert seen == [k * len(item.records)] * 2

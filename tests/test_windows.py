@@ -31,8 +31,9 @@ def test_window_frames_paper_settings() -> None:
     assert window_frames(0.4, 0.0, 1.0) == (1, 1)  # both at least one frame
 
 
-@pytest.mark.parametrize(("length", "stride", "fps"), [(0.0, 0.0, 5.0), (10.0, -1.0, 5.0), (10.0, 0.0, 0.0),
-                                                        (10.0, 20.0, 5.0)])
+@pytest.mark.parametrize(
+    ("length", "stride", "fps"), [(0.0, 0.0, 5.0), (10.0, -1.0, 5.0), (10.0, 0.0, 0.0), (10.0, 20.0, 5.0)]
+)
 def test_window_frames_rejects_bad_values(length: float, stride: float, fps: float) -> None:
     with pytest.raises(ValueError):
         window_frames(length, stride, fps)

@@ -65,13 +65,22 @@ def _align(
     mismatched = 0
     for row in rows:
         if row.query_id not in index:
-            raise DataError(source or "predictions", "query id is not in the annotations", record=row.query_id,
-                            field="query_id",
-                            fix="evaluate against the annotation file and split the predictions were made for")
+            raise DataError(
+                source or "predictions",
+                "query id is not in the annotations",
+                record=row.query_id,
+                field="query_id",
+                fix="evaluate against the annotation file and split the predictions were made for",
+            )
         i = index[row.query_id]
         if aligned[i] is not None:
-            raise DataError(source or "predictions", "duplicate query id", record=row.query_id, field="query_id",
-                            fix="keep one row per query")
+            raise DataError(
+                source or "predictions",
+                "duplicate query id",
+                record=row.query_id,
+                field="query_id",
+                fix="keep one row per query",
+            )
         aligned[i] = row
         mismatched += row.video_id != records[i].video_id
     warnings = []
@@ -151,9 +160,9 @@ def evaluate(
         win_lists = [None if r is None else r.windows for r in aligned]
         video_stop = np.array([max((w[1] for w in ws), default=0.0) if ws else 0.0 for ws in win_lists])  # (B,)
         wins, wvalid = _pad(win_lists, max(retrieval_ks))  # (B, Kr, 3)
-        positive = overlap_mask(
-            wins[..., 0], wins[..., 1], gt_se[:, 0:1], gt_se[:, 1:2], video_stop[:, None]
-        ) & wvalid  # (B, Kr)
+        positive = (
+            overlap_mask(wins[..., 0], wins[..., 1], gt_se[:, 0:1], gt_se[:, 1:2], video_stop[:, None]) & wvalid
+        )  # (B, Kr)
         first_pos = np.where(positive.any(axis=1), positive.argmax(axis=1), np.iinfo(np.int64).max)
         for k in retrieval_ks:
             metrics[retrieval_name(k)] = 100.0 * float(np.mean(first_pos < k))
@@ -203,7 +212,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(" ".join(row))
     if "mIoU" in m:
         lines.append(f"mIoU {m['mIoU']:.2f}")
-    ret = sorted((int(k[len("retrieval_R"):]), v) for k, v in m.items() if k.startswith("retrieval_R"))
+    ret = sorted((int(k[len("retrieval_R") :]), v) for k, v in m.items() if k.startswith("retrieval_R"))
     if ret:
         lines.append("retrieval  " + "  ".join(f"R@{k} {v:.2f}" for k, v in ret))
     lines.extend(f"warning: {w}" for w in report.get("warnings", []))

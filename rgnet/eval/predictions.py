@@ -59,34 +59,54 @@ def _check_triples(value: object, file: object, record: str, field: str) -> list
     offending entry one by one.
     """
     if not isinstance(value, list):
-        raise DataError(file, f"must be a list of [start_sec, end_sec, score], got {type(value).__name__}",
-                        record=record, field=field)
+        raise DataError(
+            file,
+            f"must be a list of [start_sec, end_sec, score], got {type(value).__name__}",
+            record=record,
+            field=field,
+        )
     if not value:
         return []
     if {type(item) for item in value} != {list} or {len(item) for item in value} != {3}:
         i, item = next((i, v) for i, v in enumerate(value) if not (isinstance(v, list) and len(v) == 3))
-        raise DataError(file, f"must be [start_sec, end_sec, score], got {item!r}", record=record,
-                        field=f"{field}[{i}]")
+        raise DataError(
+            file, f"must be [start_sec, end_sec, score], got {item!r}", record=record, field=f"{field}[{i}]"
+        )
     types = {type(x) for item in value for x in item}
     if not types <= {int, float}:  # bool, str, None: a mistake, not a number
         i, item = next((i, v) for i, v in enumerate(value) if not all(type(x) in (int, float) for x in v))
-        raise DataError(file, f"start, end and score must be finite numbers, got {item!r}", record=record,
-                        field=f"{field}[{i}]")
+        raise DataError(
+            file, f"start, end and score must be finite numbers, got {item!r}", record=record, field=f"{field}[{i}]"
+        )
     arr = np.array(value, dtype=np.float64)  # (n, 3)
     bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
     if len(bad):
-        raise DataError(file, f"start, end and score must be finite numbers, got {value[bad[0]]!r}", record=record,
-                        field=f"{field}[{bad[0]}]")
+        raise DataError(
+            file,
+            f"start, end and score must be finite numbers, got {value[bad[0]]!r}",
+            record=record,
+            field=f"{field}[{bad[0]}]",
+        )
     bad = np.flatnonzero(arr[:, 0] > arr[:, 1])
     if len(bad):
         i = int(bad[0])
-        raise DataError(file, f"start {arr[i, 0]} is after end {arr[i, 1]}", record=record, field=f"{field}[{i}]",
-                        fix="write spans as [start_sec, end_sec, score]")
+        raise DataError(
+            file,
+            f"start {arr[i, 0]} is after end {arr[i, 1]}",
+            record=record,
+            field=f"{field}[{i}]",
+            fix="write spans as [start_sec, end_sec, score]",
+        )
     bad = np.flatnonzero(np.diff(arr[:, 2]) > 0)
     if len(bad):
         i = int(bad[0]) + 1
-        raise DataError(file, f"score {arr[i, 2]} is higher than the previous entry's {arr[i - 1, 2]}",
-                        record=record, field=f"{field}[{i}]", fix="sort the list by score, highest first")
+        raise DataError(
+            file,
+            f"score {arr[i, 2]} is higher than the previous entry's {arr[i - 1, 2]}",
+            record=record,
+            field=f"{field}[{i}]",
+            fix="sort the list by score, highest first",
+        )
     return value if types == {float} else arr.tolist()  # all floats: keep as is (no copy)
 
 
@@ -101,8 +121,13 @@ def parse_row(obj: object, file: object = "<predictions>", line: int | None = No
     for key in obj:
         if key not in ROW_FIELDS:
             near = difflib.get_close_matches(str(key), ROW_FIELDS, n=1)
-            raise DataError(file, "unknown field", record=record, field=str(key),
-                            fix=f"did you mean '{near[0]}'?" if near else f"a row has only {', '.join(ROW_FIELDS)}")
+            raise DataError(
+                file,
+                "unknown field",
+                record=record,
+                field=str(key),
+                fix=f"did you mean '{near[0]}'?" if near else f"a row has only {', '.join(ROW_FIELDS)}",
+            )
     for key in REQUIRED_FIELDS:
         if key not in obj:
             raise DataError(file, "missing field", record=record, field=key)
@@ -130,13 +155,21 @@ def read_predictions(path: str | os.PathLike[str]) -> list[PredictionRow]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(path, f"not valid JSON ({e.msg} at column {e.colno})", record=f"line {number}",
-                            fix="each line must be one JSON object") from None
+            raise DataError(
+                path,
+                f"not valid JSON ({e.msg} at column {e.colno})",
+                record=f"line {number}",
+                fix="each line must be one JSON object",
+            ) from None
         row = parse_row(obj, path, number)
         if row.query_id in seen:
-            raise DataError(path, f"duplicate query id (first on line {seen[row.query_id]})",
-                            record=f"line {number} (query {row.query_id})", field="query_id",
-                            fix="write one row per query")
+            raise DataError(
+                path,
+                f"duplicate query id (first on line {seen[row.query_id]})",
+                record=f"line {number} (query {row.query_id})",
+                field="query_id",
+                fix="write one row per query",
+            )
         seen[row.query_id] = number
         rows.append(row)
     return rows
@@ -157,8 +190,13 @@ def _records_by_id(records: Iterable[QueryRecord]) -> dict[str, QueryRecord]:
 def _lookup(by_id: Mapping[str, QueryRecord], row: PredictionRow, source: object) -> QueryRecord:
     rec = by_id.get(row.query_id)
     if rec is None:
-        raise DataError(source, "query id is not in the annotations", record=row.query_id, field="query_id",
-                        fix="use the annotation file (and split) the predictions were made for")
+        raise DataError(
+            source,
+            "query id is not in the annotations",
+            record=row.query_id,
+            field="query_id",
+            fix="use the annotation file (and split) the predictions were made for",
+        )
     return rec
 
 
@@ -166,8 +204,13 @@ def _split_ego4d_query_id(query_id: str, source: object) -> tuple[str, int]:
     """``"<annotation_uid>_<index>"`` -> (annotation_uid, index), splitting on the last underscore."""
     uid, sep, idx = query_id.rpartition("_")
     if not sep or not uid or not idx.isdigit():
-        raise DataError(source, "is not an Ego4D-NLQ query id '<annotation_uid>_<index>'", record=query_id,
-                        field="query_id", fix="export to the Ego4D challenge layout only predictions on Ego4D-NLQ")
+        raise DataError(
+            source,
+            "is not an Ego4D-NLQ query id '<annotation_uid>_<index>'",
+            record=query_id,
+            field="query_id",
+            fix="export to the Ego4D challenge layout only predictions on Ego4D-NLQ",
+        )
     return uid, int(idx)
 
 

@@ -1,0 +1,207 @@
+"""``rgnet bench --data``: the Ray Data training pipeline against reading the same windows in one process.
+
+1. Throughput: one consumer (as one Ray Train worker) iterates an epoch of training batches from the Ray Data
+   pipeline (``pipelines.data``: map tasks read each video once and emit candidate rows; the consumer draws the
+   epoch's items and collates), timed after a warm-up epoch (the first epoch also starts the map workers); the
+   baseline is the local loader (``rgnet.data.samples.TrainBatches``), which reads every query's positive windows
+   straight from HDF5 in this process.  Same batches (size, count, (seed, epoch, query) draws); the ratio is printed.
+2. Memory: Ray Data runs under an object-store budget (``--budget-mib``, set as the execution's
+   ``resource_limits``); the candidate rows of an epoch add up to at least 4x that budget.  A sampler thread
+   records the peak RSS (VmHWM) of every Ray worker process of this Ray and the object store in use.
+
+Numbers are printed and written as JSON.  Runs on the embedded default's synthetic dataset unless ``--preset``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rgnet.io import atomic_write_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rgnet bench --data", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", default="bench_data.json", help="JSON file for the results (default: %(default)s)")
+    p.add_argument("--preset", default=None, help="dataset from this preset (default: the embedded default)")
+    p.add_argument("--budget-mib", type=float, default=16.0, help="Ray Data object-store budget (default: 16)")
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up epoch (default: 2)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/tmp/d")
+    return p
+
+
+def _proc_tree() -> dict[int, int]:
+    """pid -> parent pid of every process (from /proc)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return parents
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+class WorkerMemory:
+    """Samples the Ray worker processes under ``root_pid`` (the raylet) and the object store every ``period`` s."""
+
+    def __init__(self, root_pid: int, period: float = 0.25) -> None:
+        self.root_pid, self.period = root_pid, period
+        self.peak_kib: dict[int, int] = {}  # pid -> VmHWM (peak RSS since the process started)
+        self.names: dict[int, str] = {}
+        self.store_peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        import ray
+
+        parents = _proc_tree()
+        for pid in parents:
+            p, depth = pid, 0
+            while p in parents and p != self.root_pid and depth < 10:
+                p, depth = parents[p], depth + 1
+            if p != self.root_pid or pid == self.root_pid:
+                continue
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                if not cmd.startswith("ray::"):
+                    continue
+                self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), _status_kib(pid, "VmHWM"))
+                if cmd != "ray::IDLE":
+                    self.names[pid] = cmd
+            except OSError:
+                continue
+        total, free = ray.cluster_resources(), ray.available_resources()
+        used = total.get("object_store_memory", 0.0) - free.get("object_store_memory", 0.0)
+        self.store_peak = max(self.store_peak, used)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> WorkerMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def summary(self) -> dict[str, Any]:
+        peaks = sorted(self.peak_kib.items(), key=lambda kv: -kv[1])
+        return {
+            "worker_processes": len(peaks),
+            "peak_worker_rss_mib": peaks[0][1] / 1024 if peaks else 0.0,
+            "peak_worker": self.names.get(peaks[0][0], "ray::IDLE") if peaks else None,
+            "peak_rss_mib_by_worker": {f"{self.names.get(pid, 'ray::IDLE')} ({pid})": kib / 1024 for pid, kib in peaks},
+            "peak_object_store_used_mib": self.store_peak / 2**20,
+        }
+
+
+def _timed_epochs(batches_of_epoch: Any, epochs: list[int]) -> dict[str, float]:
+    queries = steps = 0
+    t0 = time.perf_counter()
+    for epoch in epochs:
+        for batch in batches_of_epoch(epoch):
+            queries += int(batch["text"].shape[0])
+            steps += 1
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "steps": steps, "queries": queries, "queries_per_s": queries / max(seconds, 1e-9)}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import ray
+    import ray.data
+
+    from pipelines.data import build_train_dataset, epoch_batches, steps_per_epoch
+    from pipelines.train import prepare_data, resolve_paths
+    from rgnet.config import load_config
+    from rgnet.data.dataset import open_split
+    from rgnet.data.samples import TrainBatches
+
+    cfg = resolve_paths(load_config(args.preset, None, ["ray.data_workers=2", *args.overrides]))
+    prepare_data(cfg)
+    data = open_split(cfg.data, cfg.data.train_split)
+    steps = steps_per_epoch(len(data.records), 1, cfg)
+    epochs = list(range(1, 1 + args.epochs))
+    print(f"dataset {cfg.data.root}: {len(data.records)} train queries, {steps} batches of {cfg.train.batch_size} "
+          f"per epoch", flush=True)  # fmt: skip
+
+    # Baseline: the local loader in this process (HDF5 hyperslab reads of each query's windows).
+    local = TrainBatches(data, cfg)
+    _timed_epochs(local.epoch, [0])  # warm-up: page cache and imports, as the Ray side gets
+    base = _timed_epochs(local.epoch, epochs)
+    print(f"  one process, straight from HDF5: {base['queries_per_s']:.1f} queries/s", flush=True)
+
+    budget = int(args.budget_mib * 2**20)
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.execution_options.resource_limits = ray.data.ExecutionResources(object_store_memory=budget)
+        ds = build_train_dataset(cfg, data)
+        # the size of an epoch's candidate rows, as the map tasks emit them
+        row_bytes = 0
+        for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
+            row_bytes += sum(sum(np.asarray(x).nbytes for x in col) for col in batch.values())
+        node = ray._private.worker._global_node  # this process started the local Ray: its raylet is ours
+        assert node is not None
+        raylet = node.all_processes["raylet"][0].process.pid
+        shard = ds.iterator()
+        with WorkerMemory(raylet) as memory:
+            warm = _timed_epochs(lambda e: epoch_batches(shard, cfg, e, steps), [0])
+            timed = _timed_epochs(lambda e: epoch_batches(shard, cfg, e, steps), epochs)
+        mem = memory.summary()
+    finally:
+        ray.shutdown()
+    ratio = timed["queries_per_s"] / base["queries_per_s"]
+    print(f"  Ray Data (2 map tasks x {cfg.ray.data_cpus:g} CPU, 1 consumer): {timed['queries_per_s']:.1f} queries/s "
+          f"(first epoch, starting the map workers: {warm['queries_per_s']:.1f}); ratio Ray / one process = "
+          f"{ratio:.2f}", flush=True)  # fmt: skip
+    print(f"  memory: an epoch's candidate rows = {row_bytes / 2**20:.1f} MiB = {row_bytes / budget:.1f}x the Ray "
+          f"Data budget of {args.budget_mib:g} MiB; peak object store in use {mem['peak_object_store_used_mib']:.1f} "
+          f"MiB; peak worker RSS {mem['peak_worker_rss_mib']:.0f} MiB ({mem['peak_worker']}, "
+          f"{mem['worker_processes']} worker processes)", flush=True)  # fmt: skip
+    return {
+        "machine": {"cpus": os.cpu_count()},
+        "dataset": {
+            "root": cfg.data.root,
+            "train_queries": len(data.records),
+            "batch_size": cfg.train.batch_size,
+            "batches_per_epoch": steps,
+            "epoch_candidate_mib": row_bytes / 2**20,
+        },
+        "budget_mib": args.budget_mib,
+        "dataset_to_budget": row_bytes / budget,
+        "one_process_hdf5": base,
+        "ray_data_first_epoch": warm,
+        "ray_data": timed,
+        "ray_to_one_process": ratio,
+        "memory": mem,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    results = run(args)
+    atomic_write_json(args.out, results)
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,211 @@
+"""Distributed training on the session's local Ray: 2 Ray Train workers on the tiny preset, MLflow, fault tolerance."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import free_port
+
+from pipelines import evaluate as evaluate_cli
+from pipelines import train as train_cli
+from pipelines.tracking import EPOCH_KEY, RUN_KEY_TAG
+from rgnet.config import load_config
+
+pytestmark = pytest.mark.ray
+
+
+def overrides(tmp: Path, *extra: str) -> list[str]:
+    """Everything a run writes goes under ``tmp``."""
+    return [
+        f"data.root={tmp / 'data'}",
+        f"train.output_dir={tmp / 'runs'}",
+        f"ray.storage_path={tmp / 'ray_results'}",
+        "train.progress=false",
+        *extra,
+    ]
+
+
+def the_run(client: Any, tmp: Path, name: str = "tiny") -> Any:
+    """The one MLflow run of the Ray run ``tmp/ray_results/name`` (it fails if there are several)."""
+    exp = client.get_experiment_by_name("rgnet")
+    key = f"{tmp / 'ray_results'}/{name}"
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'")
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0]
+
+
+def logged_epochs(client: Any, run_id: str, key: str = EPOCH_KEY) -> list[int]:
+    return sorted(int(m.step) for m in client.get_metric_history(run_id, key))
+
+
+def artifacts(client: Any, run_id: str, path: str = "") -> set[str]:
+    out = set()
+    for f in client.list_artifacts(run_id, path):
+        out |= artifacts(client, run_id, f.path) if f.is_dir else {f.path}
+    return out
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, proxied artifacts), stopped after the module."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    log = open(root / "server.log", "w")  # noqa: SIM115  # closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.read().decode().strip() == "OK":
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.mark.timeout(420)
+def test_two_workers_end_to_end_with_an_mlflow_server(ray_session: str, tmp_path: Path, mlflow_server: str) -> None:
+    """2 workers train the tiny preset logging to a real MLflow server; the logged best model evaluates to the
+    driver's numbers with `rgnet evaluate --model-uri` and `--checkpoint`."""
+    from mlflow import MlflowClient
+
+    argv = ["--preset", "tiny", "--tracking-uri", mlflow_server, *overrides(tmp_path, "train.epochs=3")]
+    assert train_cli.main(argv) == 0
+
+    client = MlflowClient(mlflow_server)
+    run = the_run(client, tmp_path)
+    rid = run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert logged_epochs(client, rid) == [1, 2, 3]
+    for key in ("train/loss", "train/loss_contrastive", "val/R1_at_0.3", "val/mIoU", "val/retrieval_R1"):
+        assert logged_epochs(client, rid, key) == [1, 2, 3], key
+    assert run.data.params["model.hidden_dim"] == "32" and run.data.params["ray.num_workers"] == "2"
+    assert run.data.params["data.root"] == str(tmp_path / "data")  # resolved, absolute
+    tags = run.data.tags
+    assert tags["dataset"] == "data" and tags["layout"] == "native" and tags["preset"] == "tiny"
+    assert tags["metric_profile"] == "rgnet" and tags["prediction_cap"] == "100" and tags["git_commit"]
+    assert len(tags["rgnet.worker_nodes"].split(",")) == 1  # one local node
+    files = artifacts(client, rid)
+    assert {
+        "config.yaml",
+        "model/checkpoint.pt",
+        "model/config.yaml",
+        "plots/loss.png",
+        "plots/val.png",
+        "best_epoch/best_val_predictions.jsonl",
+        "best_epoch/best_val_report.json",
+        "reports/report_val.json",
+        "reports/metrics.txt",
+    } <= files
+
+    run_dir = tmp_path / "runs" / "tiny"
+    report_val = json.loads((run_dir / "report_val.json").read_text())
+    best_epoch = int(run.data.metrics["best_epoch"])
+    selection = report_val["metrics"]["R1@0.3"]
+    # the best epoch's validation, computed by rank 0 during training, is the driver's final evaluation
+    at_best = {int(m.step): m.value for m in client.get_metric_history(rid, "val/R1_at_0.3")}
+    assert at_best[best_epoch] == pytest.approx(selection) and selection == max(at_best.values())
+
+    sources = [
+        ["--model-uri", f"runs:/{rid}/model", "--tracking-uri", mlflow_server],
+        ["--checkpoint", str(run_dir / "best.pt")],
+    ]
+    for source in sources:
+        out = tmp_path / "eval.json"
+        assert evaluate_cli.main([*source, "--split", "val", "--set", "train.progress=false", "--out", str(out)]) == 0
+        assert json.loads(out.read_text())["metrics"] == report_val["metrics"], source
+
+
+def _run_in_thread(fn: Any, *args: Any, **kwargs: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["out"] = fn(*args, **kwargs)
+        except BaseException as e:
+            box["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def _wait_for(predicate: Any, timeout: float, what: str, thread: threading.Thread | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if thread is not None and not thread.is_alive():
+            raise AssertionError(f"training ended before {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.timeout(480)
+def test_sigkilled_worker_resumes_from_the_last_checkpoint(ray_session: str, tmp_path: Path) -> None:
+    """A worker process SIGKILLed during an epoch: the worker group restarts from the last checkpoint, training
+    finishes, and the MLflow run holds every epoch exactly once."""
+    from mlflow import MlflowClient
+    from ray.util.state import list_actors
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config("tiny", overrides=overrides(tmp_path, "train.epochs=4", f"tracking.uri={uri}"))
+    thread, box = _run_in_thread(train_cli.run_ray, cfg, test=False)
+    client = MlflowClient(uri)
+
+    def epochs_so_far() -> list[int]:
+        exp = client.get_experiment_by_name("rgnet")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        return logged_epochs(client, runs[0].info.run_id) if runs else []
+
+    _wait_for(epochs_so_far, 300, "the first epoch in MLflow", thread)
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert len(workers) == 2
+    time.sleep(0.5)  # epoch 2 has started: its data stream and steps run now
+    os.kill(workers[1].pid, signal.SIGKILL)
+    done_at_kill = max(epochs_so_far())
+    assert done_at_kill < 4, "training finished before the kill; the test needs longer epochs"
+    thread.join(timeout=400)
+    assert not thread.is_alive(), "training did not finish"
+    assert "error" not in box, box.get("error")
+
+    run = the_run(client, tmp_path)
+    assert run.info.status == "FINISHED"
+    assert logged_epochs(client, run.info.run_id) == [1, 2, 3, 4]
+    assert logged_epochs(client, run.info.run_id, "train/loss") == [1, 2, 3, 4]
+    assert int(run.data.tags["rgnet.worker_failures"]) >= 1
+    history = json.loads((tmp_path / "runs" / "tiny" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    resumed = [h for h in history if h["resumed_after_epoch"] > 0]
+    assert resumed, "no epoch ran in a restarted worker group"
+    first = resumed[0]
+    assert first["resumed_after_epoch"] >= done_at_kill and first["epoch"] == first["resumed_after_epoch"] + 1
+    assert all(h["resumed_after_epoch"] == 0 for h in history if h["epoch"] <= done_at_kill)  # not started over
