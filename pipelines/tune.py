@@ -1,0 +1,426 @@
+"""``rgnet tune`` / ``python -m pipelines.tune``: Ray Tune + Optuna sweeps over a space file, compared in MLflow.
+
+The current Tune-drives-Train pattern (Ray 2.60, Train V2): every trial is a small *driver* function
+(:func:`trial_driver`) that builds the trial's config (the space's base config + the sampled point), opens an MLflow
+child run and runs a TorchTrainer exactly as ``rgnet train`` does (:func:`pipelines.train.fit_on_ray`), with Ray's
+``TuneReportCallback`` forwarding rank 0's per-epoch metrics to Tune.  The searcher is ``OptunaSearch`` (TPE, seeded)
+behind a ``ConcurrencyLimiter``; spaces with ``grid`` keys or grid variants (e.g. the ablation grid) use Tune's grid
+search instead, since a grid is not something TPE samples.  An ASHA scheduler stops poor trials at its rungs (one
+rung per epoch).
+
+Names and storage: the sweep lives in ``<ray.storage_path>/<name>`` (``--name``, default the space file's stem);
+each trial's Train run is ``<name>-<trial id>`` in ``<ray.storage_path>/<name>-trials``, so a restored sweep resumes
+an unfinished trial's Train run from its last checkpoint.  Re-running the same command restores an interrupted
+sweep (``Tuner.restore``): finished trials are not re-run.  ``--fresh`` starts over.
+
+MLflow: one parent run per sweep (found again on restore), one child run per trial (tag ``mlflow.parentRunId``),
+so the UI's compare view shows the trials side by side.  At the end the parent gets the best trial's point and
+metrics, the space file, the best config, and plots (optimization history, metric vs each swept parameter); child
+runs of trials that ASHA stopped are marked KILLED with the tag ``rgnet.stopped_early``.
+
+Windows are rebuilt per trial from the same feature files: the Ray Data map stage cuts windows with the trial's
+``windows.*`` settings; nothing is copied per trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipelines.common import run_guarded, setup_logging
+from rgnet.config import Config, ConfigError, apply_overrides, from_dict, save_yaml, to_dict
+from rgnet.search_space import VARIANT_KEY, SearchSpace, load_space, trial_overrides
+
+log = logging.getLogger("rgnet.tune")
+
+SWEEP_KEY = "__sweep__"  # the constant entry of the param space that carries the sweep's settings to trials
+SPACE_DIR = Path(__file__).resolve().parent.parent / "tune_spaces"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rgnet tune",
+        description="Sweep a search space (tune_spaces/*.yaml) with Ray Tune + Optuna + ASHA; trials train on Ray.",
+    )
+    p.add_argument("--space", help="space file, or the name of one in tune_spaces/ (e.g. proposals)")
+    p.add_argument("--trials", type=int, default=8, help="number of trials (grid spaces: rounded up to whole grids)")
+    p.add_argument("--concurrency", type=int, default=1, help="trials running at once (default: %(default)s)")
+    p.add_argument("--name", help="sweep name (default: the space file's name); the same name restores a sweep")
+    p.add_argument("--fresh", action="store_true", help="delete an earlier sweep of this name and start over")
+    p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed (default: %(default)s)")
+    p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial may be stopped")
+    p.add_argument("--reduction-factor", type=int, default=2, help="ASHA: keep 1/N of trials at each rung")
+    p.add_argument("--best-out", help="where the best config is written (default: <output_dir>/<name>/best.yaml)")
+    p.add_argument("--smoke-test", action="store_true", help="tune_spaces/smoke.yaml, 4 trials (about 3 minutes)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides on top of the space's base config"
+    )
+    return p
+
+
+def resolve_space_path(name: str) -> Path:
+    path = Path(name)
+    if path.exists():
+        return path
+    candidate = SPACE_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if candidate.exists():
+        return candidate
+    have = ", ".join(sorted(p.stem for p in SPACE_DIR.glob("*.yaml")))
+    raise ConfigError(f"search space {name!r} not found (neither a file nor one of tune_spaces/: {have})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The space in Tune's terms
+# ---------------------------------------------------------------------------------------------------------------
+def tune_param_space(space: SearchSpace) -> dict[str, Any]:
+    """Space file -> Tune search-space objects (``int`` bounds are inclusive, Tune's ``randint`` is not)."""
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    for key, d in space.params.items():
+        lo_hi = d.values
+        if d.kind == "uniform":
+            out[key] = tune.uniform(*lo_hi)
+        elif d.kind == "loguniform":
+            out[key] = tune.loguniform(*lo_hi)
+        elif d.kind == "int":
+            out[key] = tune.randint(lo_hi[0], lo_hi[1] + 1)
+        elif d.kind == "choice":
+            out[key] = tune.choice(list(d.values))
+        else:
+            out[key] = tune.grid_search(list(d.values))
+    if space.variants:
+        names = list(space.variants)
+        out[VARIANT_KEY] = tune.grid_search(names) if space.variant_mode == "grid" else tune.choice(names)
+    return out
+
+
+def uses_grid(space: SearchSpace) -> bool:
+    return any(d.is_grid for d in space.params.values()) or (bool(space.variants) and space.variant_mode == "grid")
+
+
+def metric_of(space: SearchSpace, cfg: Config) -> tuple[str, str]:
+    """The reported key Tune optimises and its mode: ``val/<metric>`` (max) or a ``train/...`` loss (min)."""
+    name = space.metric or cfg.train.selection_metric
+    if name.startswith("train/"):
+        return name, "min"
+    return (name if name.startswith("val/") else f"val/{name}"), "max"
+
+
+def trial_config(base: Config, space: SearchSpace, point: dict[str, Any]) -> Config:
+    """The config of one trial: the sweep's base config with the sampled point applied."""
+    return apply_overrides(base, trial_overrides(space, point))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One trial (runs in a Tune trial actor)
+# ---------------------------------------------------------------------------------------------------------------
+def trial_driver(config: dict[str, Any]) -> None:
+    """Tune function trainable: build the trial's config, open its MLflow child run, fit a TorchTrainer."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines import tracking
+    from pipelines.train import fit_on_ray
+    from rgnet.data.dataset import open_split
+
+    sweep = config[SWEEP_KEY]
+    space = load_space(sweep["space"])
+    point = {k: v for k, v in config.items() if k != SWEEP_KEY}
+    trial_id = ray.tune.get_context().get_trial_id()  # Ray: stable across restores, so Train resumes by name
+    cfg = trial_config(from_dict(sweep["base"]), space, point)
+    cfg = from_dict(
+        {"train": {"run_name": f"{sweep['name']}-{trial_id}"}, "ray": {"storage_path": sweep["trials_storage"]}}, cfg
+    )
+    run_key = f"{sweep['trials_storage']}/{cfg.train.run_name}"
+    handle = None
+    if sweep["parent_run_id"]:
+        tags = {
+            "mlflow.parentRunId": sweep["parent_run_id"],
+            "rgnet.sweep": sweep["name"],
+            "rgnet.trial_id": trial_id,
+            **{f"rgnet.point.{k}": json.dumps(v) for k, v in point.items()},
+        }
+        handle = tracking.open_run(cfg, run_key=run_key, preset=space.preset, tags=tags)
+    status = "FAILED"
+    try:
+        fit_on_ray(cfg, open_split(cfg.data, cfg.data.train_split), handle, callbacks=[TuneReportCallback()])
+        status = "FINISHED"
+    finally:  # an ASHA stop kills this actor before here: the sweep driver marks those runs afterwards
+        if handle is not None:
+            tracking.finish(handle, status)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sweep (the driver process)
+# ---------------------------------------------------------------------------------------------------------------
+def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from pipelines import tracking
+    from pipelines.train import init_ray, prepare_data, resolve_paths
+    from rgnet.data.dataset import open_split
+
+    if args.smoke_test and not args.space:
+        args.space = "smoke"
+        args.trials = 4 if args.trials == 8 else args.trials
+    if not args.space:
+        raise ConfigError("--space is required (a file, or one of tune_spaces/: e.g. --space proposals)")
+    space_path = resolve_space_path(args.space).resolve()
+    space = load_space(space_path)
+    name = args.name or space_path.stem
+    base = resolve_paths(space.base_config(args.overrides))
+    metric, mode = metric_of(space, base)
+    storage = base.ray.storage_path
+    sweep_dir = f"{storage.rstrip('/')}/{name}"
+    trials_storage = f"{storage.rstrip('/')}/{name}-trials"
+    if args.fresh:
+        for path in (sweep_dir, trials_storage):
+            if "://" not in path and Path(path).exists():
+                shutil.rmtree(path)
+    prepare_data(base)
+    open_split(base.data, base.data.train_split)  # a missing or malformed dataset fails before any trial starts
+    open_split(base.data, base.data.val_split)
+
+    parent = None
+    if base.tracking.enabled:
+        parent_cfg = from_dict({"train": {"run_name": f"sweep-{name}"}}, base)
+        parent = tracking.open_run(
+            parent_cfg, run_key=f"tune:{sweep_dir}", preset=space.preset, fresh=args.fresh, tags={"rgnet.sweep": name}
+        )
+        client = parent.client()
+        client.log_artifact(parent.run_id, str(space_path), "space")
+        print(f"MLflow: sweep run {parent.run_id} at {parent.uri}", flush=True)
+
+    connected = init_ray(base)
+    status = "FAILED"
+    try:
+        # a trial is only a driver (the Train workers hold the CPUs/GPUs); on a cluster whose head offers the custom
+        # resource TRAIN_DRIVER (cluster/*.yaml) the drivers go there: non-spot, and next to the MLflow server
+        driver_resources: dict[str, float] = {"cpu": 0.25}
+        if ray.cluster_resources().get("TRAIN_DRIVER", 0) > 0:
+            driver_resources["TRAIN_DRIVER"] = 1.0
+        trainable = tune.with_resources(trial_driver, driver_resources)
+        restored = not args.fresh and tune.Tuner.can_restore(
+            os.path.abspath(sweep_dir) if "://" not in sweep_dir else sweep_dir
+        )
+        if restored:
+            print(f"restoring sweep {sweep_dir}: finished trials are kept, unfinished ones resume", flush=True)
+            tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            param_space = tune_param_space(space)
+            param_space[SWEEP_KEY] = {
+                "space": str(space_path),
+                "base": to_dict(base),
+                "name": name,
+                "trials_storage": trials_storage,
+                "parent_run_id": parent.run_id if parent is not None else "",
+            }
+            grid = uses_grid(space)
+            if grid:
+                num_samples = max(1, math.ceil(args.trials / space.num_grid_points()))
+                search_alg = None
+                print(f"grid space: {space.num_grid_points()} points x {num_samples} = trials", flush=True)
+            else:
+                num_samples = args.trials
+                search_alg = ConcurrencyLimiter(OptunaSearch(seed=args.seed), max_concurrent=args.concurrency)
+            scheduler = ASHAScheduler(
+                time_attr="training_iteration",  # one iteration per epoch report
+                max_t=base.train.epochs,
+                grace_period=min(args.grace_period, base.train.epochs),
+                reduction_factor=args.reduction_factor,
+            )
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    metric=metric,
+                    mode=mode,
+                    num_samples=num_samples,
+                    max_concurrent_trials=args.concurrency,
+                    search_alg=search_alg,
+                    scheduler=scheduler,
+                ),
+                run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
+            )
+        print(
+            f"sweep {name}: {space_path.name}, optimising {metric} ({mode}), {args.trials} trials, "
+            f"{args.concurrency} at a time; storage {sweep_dir}",
+            flush=True,
+        )
+        results = tuner.fit()
+        summary = summarise(results, space, base, metric, mode, name, args, parent)
+        status = "FINISHED"
+        return summary
+    except (KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
+    finally:
+        if parent is not None:
+            tracking.finish(parent, status)
+        if connected:
+            ray.shutdown()
+
+
+def summarise(
+    results: Any, space: SearchSpace, base: Config, metric: str, mode: str, name: str, args: Any, parent: Any
+) -> dict[str, Any]:
+    """Best trial -> preset YAML; trial table; MLflow parent params/metrics/plots; ASHA-stopped runs marked."""
+    from pipelines import tracking
+
+    rows: list[dict[str, Any]] = []
+    for r in results:
+        point = {k: v for k, v in (r.config or {}).items() if k != SWEEP_KEY}
+        df = r.metrics_dataframe
+        iterations = int(r.metrics.get("training_iteration", 0)) if r.metrics else 0
+        values = df[metric].dropna().tolist() if df is not None and metric in df else []
+        best_value = (max(values) if mode == "max" else min(values)) if values else None
+        rows.append(
+            {
+                "trial_id": r.metrics.get("trial_id") if r.metrics else None,
+                "point": point,
+                "epochs": iterations,
+                "stopped_early": r.error is None and iterations < base.train.epochs,
+                "error": None if r.error is None else f"{type(r.error).__name__}: {r.error}"[:500],
+                "best": best_value,
+                "last": values[-1] if values else None,
+            }
+        )
+    done = [row for row in rows if row["best"] is not None]
+    if not done:
+        raise RuntimeError(f"sweep {name}: no trial reported {metric}; see the trial errors: {rows}")
+    best_row = max(done, key=lambda row: row["best"] if mode == "max" else -row["best"])
+    best_cfg = trial_config(base, space, best_row["point"])
+    best_cfg = from_dict({"train": {"run_name": f"{name}-best"}}, best_cfg)
+    out = Path(args.best_out or Path(base.train.output_dir) / name / "best.yaml")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_yaml(best_cfg, out)
+
+    print(f"\n{'trial':<12} {'epochs':>6} {metric:>16}  point")
+    for row in rows:
+        value = "error" if row["error"] else ("-" if row["best"] is None else f"{row['best']:.4f}")
+        flag = "  (stopped by ASHA)" if row["stopped_early"] else ""
+        print(f"{row['trial_id']!s:<12} {row['epochs']:>6} {value:>16}  {json.dumps(row['point'])}{flag}")
+    print(f"\nbest: {json.dumps(best_row['point'])} -> {metric} {best_row['best']:.4f}")
+    print(f"best config: {out}\n  train it: rgnet train --config {out}")
+
+    summary = {"metric": metric, "mode": mode, "trials": rows, "best": best_row, "best_config": str(out)}
+    (out.parent / "sweep.json").write_text(json.dumps(summary, indent=1, default=str))
+    if parent is not None:
+        log_sweep(parent, rows, best_row, metric, out, space)
+        mark_stopped_children(parent, name)
+        print(f"  compare the trials: {tracking.ui_command(parent.uri)}, then open run {parent.run_id}")
+    return summary
+
+
+def log_sweep(
+    parent: Any, rows: list[dict[str, Any]], best: dict[str, Any], metric: str, best_yaml: Path, space: SearchSpace
+) -> None:
+    from mlflow.entities import Metric, Param
+
+    from pipelines.tracking import metric_key
+
+    client = parent.client()
+    have = set(client.get_run(parent.run_id).data.params)
+    params = [Param(f"best.{k}", json.dumps(v)[:6000]) for k, v in best["point"].items() if f"best.{k}" not in have]
+    if params:
+        client.log_batch(parent.run_id, params=params)
+    import time
+
+    ts = int(time.time() * 1000)
+    client.log_batch(
+        parent.run_id,
+        metrics=[
+            Metric(metric_key(f"best_{metric}"), float(best["best"]), ts, 0),
+            Metric("trials_finished", float(sum(r["error"] is None for r in rows)), ts, 0),
+            Metric("trials_stopped_early", float(sum(r["stopped_early"] for r in rows)), ts, 0),
+        ],
+    )
+    client.log_artifact(parent.run_id, str(best_yaml), "best")
+    with tempfile.TemporaryDirectory() as tmp:
+        for png in plot_sweep(rows, metric, space, Path(tmp)):
+            client.log_artifact(parent.run_id, str(png), "plots")
+
+
+def plot_sweep(rows: list[dict[str, Any]], metric: str, space: SearchSpace, out_dir: Path) -> list[Path]:
+    """Optimization history (value per trial and best so far) and the metric against each swept parameter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["best"] is not None]
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    values = [r["best"] for r in done]
+    ax.plot(range(1, len(values) + 1), values, "o", label="trial")
+    best_so_far = [max(values[: i + 1]) for i in range(len(values))]
+    ax.plot(range(1, len(values) + 1), best_so_far, "-", label="best so far")
+    ax.set_xlabel("trial (in order of the results)")
+    ax.set_ylabel(metric)
+    ax.set_title("optimization history")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "optimization_history.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    keys = [*space.params, *([VARIANT_KEY] if space.variants else [])]
+    for key in keys:
+        xs = [r["point"].get(key) for r in done]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        if all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs):
+            ax.plot(xs, values, "o")
+            if key in space.params and space.params[key].kind == "loguniform":
+                ax.set_xscale("log")
+        else:
+            labels = sorted({str(x) for x in xs})
+            ax.plot([labels.index(str(x)) for x in xs], values, "o")
+            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} vs {key}")
+        fig.tight_layout()
+        paths.append(out_dir / f"metric_vs_{key.replace('.', '_')}.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths
+
+
+def mark_stopped_children(parent: Any, name: str) -> None:
+    """Child runs left RUNNING (their trial actor was killed by ASHA) are marked KILLED and tagged."""
+    client = parent.client()
+    children = client.search_runs(
+        [parent.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}'", max_results=10000
+    )
+    for run in children:
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, "rgnet.stopped_early", "true")
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+def _main(args: argparse.Namespace) -> int:
+    setup_logging(args.verbose)
+    run_sweep(args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_guarded(_main, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
