@@ -349,47 +349,10 @@ class EpochLogger(ray.train.UserCallback):
 # Artifacts after training
 # ---------------------------------------------------------------------------------------------------------------
 def plot_history(history: list[dict[str, Any]], out_dir: Path, selection_metric: str) -> list[Path]:
-    """PNG plots of the training losses and the validation metrics over epochs."""
-    import matplotlib
+    """PNG plots of the training losses and validation metrics over epochs: :func:`rgnet.eval.plots.epoch_curves`."""
+    from rgnet.eval.plots import epoch_curves  # matplotlib is imported only when plots are made
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    epochs = [int(h["epoch"]) for h in history]
-    # the headline curves: R@1 and R@5 at every IoU, mIoU, window retrieval R@1 / R@5, and the selection metric
-    shown = {selection_metric, "mIoU", "retrieval_R1", "retrieval_R5"}
-    shown |= {k.split("/", 1)[1] for h in history for k in h if k.startswith(("val/R1@", "val/R5@"))}
-    groups = {
-        "loss.png": ("training losses", [k for k in history[0] if k.startswith("train/loss")] if history else []),
-        "val.png": (
-            f"validation (best by {selection_metric}; every metric is in the run's metrics)",
-            sorted({k for h in history for k in h if k.split("/", 1)[-1] in shown}),
-        ),
-    }
-    for name, (title, keys) in groups.items():
-        if not keys:
-            continue
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for key in keys:
-            pts = [(e, h[key]) for e, h in zip(epochs, history) if key in h]
-            if pts:
-                ax.plot(
-                    *zip(*pts),
-                    marker="o",
-                    label=key.split("/", 1)[1],
-                    linewidth=2.5 if key == f"val/{selection_metric}" else 1.2,
-                )
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        path = out_dir / name
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written
+    return epoch_curves(history, out_dir, selection_metric)
 
 
 def register_model(handle: RunHandle, model_name: str, best_epoch: int, artifact_path: str) -> str | None:

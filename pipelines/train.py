@@ -88,6 +88,22 @@ def prepare_data(cfg: Config) -> None:
         ensure_dataset(cfg.data)
 
 
+def write_epoch_plots(history: list[dict[str, Any]], out_dir: Path, selection_metric: str) -> list[Path]:
+    """Per-epoch curves of a local run (``loss.png``, ``val.png``); history entries hold the train losses and rates
+    (``loss*``, rates, ``lr``, ``steps``, ``seconds``) and the validation metrics under their report names."""
+    from rgnet.eval.plots import epoch_curves
+
+    train_keys = ("loss", "pairs_per_s", "queries_per_s", "lr", "steps", "seconds")
+    rows = []
+    for h in history:
+        row: dict[str, Any] = {"epoch": h["epoch"]}
+        for k, v in h.items():
+            if k != "epoch":
+                row[f"train/{k}" if k.startswith(train_keys) else f"val/{k}"] = v
+        rows.append(row)
+    return epoch_curves(rows, out_dir, selection_metric) if rows else []
+
+
 def run_local(cfg: Config, *, fresh: bool = False, test: bool = True) -> dict[str, Any]:
     """Train in one process; returns the final reports. Files land in ``output_dir/run_name``."""
     from rgnet.data.dataset import open_split
@@ -146,7 +162,10 @@ def run_local(cfg: Config, *, fresh: bool = False, test: bool = True) -> dict[st
             line += "  val " + "  ".join(f"{k} {m[k]:.2f}" for k in shown) + ("  (best)" if result.is_best else "")
         print(line, flush=True)
 
-    fit(model, cfg, batches.epoch, batches.num_batches(), val_data, device, payload=payload, on_epoch_end=on_epoch_end)
+    final = fit(
+        model, cfg, batches.epoch, batches.num_batches(), val_data, device, payload=payload, on_epoch_end=on_epoch_end
+    )
+    write_epoch_plots(final.history, run_dir / "plots", cfg.train.selection_metric)
 
     best_model, _ = ckpt.load_model(run_dir / "best.pt", device)
     out: dict[str, Any] = {}

@@ -43,6 +43,8 @@ def test_training_learns(trained) -> None:
     cfg, reports = trained
     run_dir = cfg.train.output_dir + "/" + cfg.train.run_name
     history = json.loads(Path(f"{run_dir}/history.json").read_text())
+    for png in ("loss.png", "val.png"):  # the per-epoch curves of a local run
+        assert Path(f"{run_dir}/plots/{png}").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert history[-1]["loss"] < 0.8 * history[0]["loss"]
     seed_everything(cfg.train.seed)
     untrained = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim)
