@@ -89,6 +89,10 @@ class DataConfig:
     fps: float = 0.0  # feature rate; 0 = the layout's default (MAD 5, Ego4D 1.875, native: the file attribute)
     video_dim: int = 256  # expected video feature width; a mismatch is an error naming the file and key
     text_dim: int = 512  # expected text token width
+    # "" = precomputed token features (data.text_features); "minilm" = token features computed from each query's
+    # sentence by the offline all-MiniLM-L6-v2 package (rgnet-ray[text]), cached beside the data; a model trained
+    # this way takes raw text in `rgnet predict --query`.  Needs data.text_dim=384.
+    text_encoder: Literal["", "minilm"] = ""
     max_query_tokens: int = 32  # longer token sequences are truncated (released code: 25 MAD, 20 Ego4D)
     normalize_text: bool = True  # L2-normalise each text token (released code does; video is left as is)
     mad_gt_field: Literal["timestamps", "ext_timestamps"] = "timestamps"  # which MAD field is the ground truth

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rgnet.config import DataConfig
+from rgnet.config import ConfigError, DataConfig
 from rgnet.data.features import FeatureStore, HDF5Store, PtDirStore, nearest_key
 from rgnet.data.formats import (
     DEFAULT_FPS,
@@ -259,12 +259,28 @@ def open_split(cfg: DataConfig, split: str) -> SplitData:
     module docstring).  Raises :class:`DataError` naming file, record and field on any inconsistency.
     """
     check_layout(cfg.layout)
+    if cfg.text_encoder:
+        from rgnet.text import TEXT_ENCODER_DIMS
+
+        if cfg.text_dim != TEXT_ENCODER_DIMS[cfg.text_encoder]:
+            raise ConfigError(
+                f"data.text_encoder={cfg.text_encoder} gives {TEXT_ENCODER_DIMS[cfg.text_encoder]}-d token features: "
+                f"set data.text_dim={TEXT_ENCODER_DIMS[cfg.text_encoder]} (it is {cfg.text_dim})"
+            )
     names = _file_names(cfg, split)
     annotation_path = names["annotations"][0]
     records, dropped = read_annotations(
         cfg.layout, annotation_path, mad_gt_field=cfg.mad_gt_field, drop_zero_length=cfg.drop_zero_length
     )
     videos, texts, sentences = _stores(cfg, names)
+    if cfg.text_encoder:  # token features computed from the sentences (rgnet.text), cached beside the data
+        from rgnet.data.features import EncodedTextStore
+        from rgnet.text import cache_path, encoded_text_file
+
+        texts.close()
+        pairs = [(r.query_key, r.query) for r in records]
+        cache = encoded_text_file(cfg.text_encoder, pairs, cache_path(cfg.root, cfg.text_encoder, split))
+        texts = EncodedTextStore(cache, dim=cfg.text_dim)
     try:
         fps = _resolve_fps(cfg, videos)
         _check_keys(records, annotation_path, cfg.layout, videos, texts, sentences)

@@ -220,6 +220,33 @@ class HDF5Store(FeatureStore):
         self._pid = None
 
 
+class EncodedTextStore(HDF5Store):
+    """Token features written by :func:`rgnet.text.encoded_text_file`: datasets named by escaped query keys."""
+
+    def __init__(self, path: str | os.PathLike[str], *, dim: int | None) -> None:
+        super().__init__(path, group=None, dim=dim, rank=2, kind="text")
+
+    def keys(self) -> list[str]:
+        from rgnet.text import unescape_key
+
+        if self._keys is None:
+            self._keys = [unescape_key(k) for k, v in self._root().items() if isinstance(v, h5py.Dataset)]
+        return self._keys
+
+    def __contains__(self, key: str) -> bool:
+        from rgnet.text import escape_key
+
+        return super().__contains__(escape_key(key))
+
+    def _dataset(self, key: str) -> h5py.Dataset:
+        from rgnet.text import escape_key
+
+        ds = self._root().get(escape_key(key))
+        if not isinstance(ds, h5py.Dataset):
+            raise self._missing(key)
+        return ds
+
+
 class PtDirStore(FeatureStore):
     """A folder of per-item ``<key>.pt`` tensors (the Ego4D EgoVLP release), loaded with ``weights_only=True``.
 
