@@ -13,8 +13,12 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("pipelines.prepare", "generate the synthetic dataset (any layout) or check a dataset on disk"),
     "train": ("pipelines.train", "train RGNet (distributed on Ray by default; --local for one process)"),
-    "tune": ("pipelines.tune", "sweep a search space (tune_spaces/*.yaml) with Ray Tune + Optuna + ASHA (in progress)"),
+    "tune": ("pipelines.tune", "sweep a search space (tune_spaces/*.yaml) with Ray Tune + Optuna + ASHA"),
     "evaluate": ("pipelines.evaluate", "metrics for a prediction file, or for a checkpoint on a split"),
+    "predict": (
+        "pipelines.predict",
+        "top moments for a sentence in a long video; --split: batch inference over a split with Ray Data",
+    ),
     "bench": (
         "pipelines.bench",
         "training throughput, inference latency vs video length, memory, FLOP/s; --data: the Ray Data pipeline",

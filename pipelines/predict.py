@@ -1,0 +1,508 @@
+"""``rgnet predict``: ground sentences in long videos with a trained model.
+
+Two modes, one command:
+
+* **One query** (``--video FEATURES[:KEY] --query "text" [--query-features F[:KEY]]``): the top-N moments in
+  seconds with scores, printed as a table (``--json FILE|-`` for JSON), and with ``--plot-dir`` the query's timeline
+  plot (window context scores and frame sampling scores over the whole video, the paper's Fig. 10).  Runs in this
+  process; memory is bounded for any video length (:mod:`rgnet.predict`).
+* **A whole split** (``--split val``): batch inference with Ray Data.  One row per video streams through a pool of
+  actors that each hold the model (a GPU each when the cluster has GPUs); the driver writes the prediction JSON
+  Lines as rows arrive, then the metric report and the plots (Recall@K vs K, retrieval Recall@K vs number of
+  windows, a few query timelines) into ``--out``, and logs all of it to MLflow when tracking is on.
+
+The model comes from ``--checkpoint FILE`` (``rgnet train`` writes ``runs/<name>/best.pt``) or ``--model-uri``
+(``runs:/<run id>/model`` or ``models:/<name>/<version>`` from the MLflow store).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.common import SetupError, fail, setup_logging
+from rgnet.config import Config, ConfigError, apply_overrides
+
+log = logging.getLogger("rgnet.predict")
+
+TIMELINE_TOP_N = 5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rgnet predict",
+        description="Top moments for a sentence in a long video (one query), or batch inference over a split on Ray.",
+        epilog=(
+            "Video features come from an external extractor at the model's rate: MAD presets expect CLIP ViT-B/32 "
+            "frame features, (T, 512) at 5 fps; Ego4D presets EgoVLP features, (T, 256) at 1.875 fps. Query token "
+            "features must come from the training extractor, unless the model was trained with "
+            "data.text_encoder=minilm: then --query alone is enough."
+        ),
+    )
+    m = p.add_argument_group("model (one of)")
+    m.add_argument("--checkpoint", metavar="FILE", help="a checkpoint written by rgnet train (runs/NAME/best.pt)")
+    m.add_argument("--model-uri", metavar="URI", help="an MLflow model: runs:/<run id>/model or models:/<name>/<ver>")
+    m.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow store for --model-uri and for logging (default: "
+        "$MLFLOW_TRACKING_URI, else the model's tracking.uri)",
+    )
+    one = p.add_argument_group("one query")
+    one.add_argument(
+        "--video",
+        metavar="FEATURES[:KEY]",
+        help="video features: .h5 (KEY = dataset, e.g. a MAD movie "
+        "id or videos/<id>), .pt (tensor, or dict with KEY) or .npy, shape (T, video_dim)",
+    )
+    one.add_argument("--query", metavar="TEXT", help="the sentence (encoded by the model's text encoder if it has one)")
+    one.add_argument("--query-features", metavar="F[:KEY]", help="precomputed query token features (L, text_dim)")
+    one.add_argument(
+        "--sentence-features",
+        metavar="F[:KEY]",
+        help="sentence feature (1, video_dim) for frozen-feature ranking models (model.retrieval=none)",
+    )
+    one.add_argument("--fps", type=float, help="feature rate (default: the file's fps attribute, else the model's)")
+    one.add_argument("--top", type=int, default=10, help="moments to return (default: %(default)s)")
+    one.add_argument("--json", metavar="FILE", help="write the answer as JSON to FILE ('-': print JSON, no table)")
+    one.add_argument("--plot-dir", metavar="DIR", help="write the query's timeline plot (PNG) here")
+    batch = p.add_argument_group("a whole split (Ray Data batch inference)")
+    batch.add_argument("--split", help="train, val, test or a split name of the model's dataset")
+    batch.add_argument("--out", metavar="DIR", help="output folder (default: predictions/<run name>-<split>)")
+    batch.add_argument("--concurrency", type=int, default=0, help="model actors (default: one per GPU, else CPUs - 1)")
+    batch.add_argument("--timelines", type=int, default=3, help="timeline plots for the split's first N queries")
+    batch.add_argument("--no-tracking", action="store_true", help="do not log to MLflow even if the config says so")
+    p.add_argument("--smoke-test", action="store_true", help="tiny preset model, untrained, on its val split")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides (eval.*, data.root and file names; model.* is fixed by the checkpoint)",
+    )
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model loading
+# ---------------------------------------------------------------------------------------------------------------
+def load_payload(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from pipelines.evaluate import load_model_uri
+    from rgnet.train.checkpoint import load_checkpoint
+
+    if bool(args.checkpoint) == bool(args.model_uri):
+        raise ConfigError("give exactly one of --checkpoint FILE or --model-uri URI")
+    if args.checkpoint:
+        return load_checkpoint(args.checkpoint), str(args.checkpoint)
+    return load_model_uri(args.model_uri, args.tracking_uri), str(args.model_uri)
+
+
+def model_and_config(payload: dict[str, Any], overrides: list[str]) -> tuple[Any, Config]:
+    from rgnet.train.checkpoint import model_from_payload
+
+    model, cfg = model_from_payload(payload)
+    new = apply_overrides(cfg, overrides)
+    if new.model != cfg.model or new.data.video_dim != cfg.data.video_dim or new.data.text_dim != cfg.data.text_dim:
+        raise ConfigError("model.* and data.{video,text}_dim are fixed by the trained checkpoint")
+    return model, new
+
+
+def smoke_payload() -> dict[str, Any]:
+    """An untrained tiny-preset model and its (generated) dataset: exercises the whole path in seconds."""
+    from pipelines.train import prepare_data, resolve_paths
+    from rgnet.config import load_config
+    from rgnet.model import build_model
+    from rgnet.train.checkpoint import make_payload
+    from rgnet.train.loop import seed_everything
+
+    cfg = resolve_paths(load_config("tiny", None, []))
+    prepare_data(cfg)
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim)
+    return make_payload(model, cfg, epoch=0, global_step=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One query
+# ---------------------------------------------------------------------------------------------------------------
+def format_answer(answer: Any) -> str:
+    lines = [
+        f"video {answer.video}: {answer.duration_sec:.1f} s at {answer.fps:g} fps; query: {answer.query!r}",
+        f"{'rank':>4}  {'start (s)':>10}  {'end (s)':>10}  {'score':>8}",
+    ]
+    for i, (s, e, p) in enumerate(answer.moments):
+        lines.append(f"{i + 1:>4}  {s:>10.2f}  {e:>10.2f}  {p:>8.4f}")
+    return "\n".join(lines)
+
+
+def timeline_plot(answer: Any, out_dir: Path, top_k_windows: int, gt: tuple[float, float] | None = None) -> Path:
+    from rgnet.eval.plots import frame_score_curve, query_timeline
+
+    frame_scores = None
+    times = None
+    if answer.scores.sampling_score is not None:
+        num_frames = int(answer.bounds[-1, 1])
+        frame_scores = frame_score_curve(answer.bounds, answer.scores.sampling_score[0].numpy(), num_frames)
+        times = (np.arange(num_frames) + 0.5) / answer.fps
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in answer.video)[:80]
+    return query_timeline(
+        out_dir / f"timeline_{safe}.png",
+        duration_sec=answer.duration_sec,
+        window_bounds_sec=answer.bounds / answer.fps,
+        context_logit=answer.scores.context_logit[0].numpy(),
+        frame_times_sec=times,
+        frame_scores=frame_scores,
+        gt=gt,
+        predictions=answer.moments,
+        top_k_windows=top_k_windows,
+        query=answer.query,
+        top_n=TIMELINE_TOP_N,
+    )
+
+
+def predict_one(args: argparse.Namespace, model: Any, cfg: Config) -> dict[str, Any]:
+    from rgnet.io import atomic_write_json
+    from rgnet.predict import (
+        FeatureSource,
+        ground,
+        needs_sentence,
+        read_features,
+        resolve_fps,
+        text_tokens,
+    )
+    from rgnet.train.loop import resolve_device
+
+    if args.query is not None and not args.query.strip():
+        raise ValueError("the query is empty: give a sentence with --query")
+    if args.query is None and not args.query_features:
+        raise ValueError("give the sentence with --query (and --query-features for models without a text encoder)")
+    if args.top < 1:
+        raise ValueError(f"--top must be >= 1, got {args.top}")
+    video_src = FeatureSource.parse(args.video)
+    frames, key, stored_fps = read_features(video_src, kind="video", dim=cfg.data.video_dim)
+    fps = resolve_fps(cfg, args.fps, stored_fps, video_src)
+    if args.query_features:
+        tokens, qkey, _ = read_features(FeatureSource.parse(args.query_features), kind="text", dim=cfg.data.text_dim)
+        query = args.query or qkey
+    else:
+        tokens, query = text_tokens(cfg, args.query), args.query
+    sentence = None
+    if args.sentence_features:
+        sent, _, _ = read_features(
+            FeatureSource.parse(args.sentence_features), kind="sentence", dim=cfg.data.video_dim, rank=2
+        )
+        sentence = sent[0]
+    elif needs_sentence(model, cfg):
+        raise ValueError(
+            "this model ranks windows by frozen-feature similarity (model.retrieval=none or eval.fusion=matching) "
+            "and needs the query's sentence feature: pass --sentence-features F[:KEY]"
+        )
+    device = resolve_device(cfg.train.device)
+    t0 = time.perf_counter()
+    answer = ground(
+        model.to(device),
+        cfg,
+        frames,
+        fps,
+        tokens,
+        video=key.rsplit("/", 1)[-1],
+        query=query,
+        sentence=sentence,
+        top_n=args.top,
+        device=device,
+        keep_sampling_scores=bool(args.plot_dir),
+    )
+    elapsed = time.perf_counter() - t0
+    out = answer.to_json()
+    out["seconds"] = round(elapsed, 3)
+    if args.plot_dir:
+        out["plot"] = str(timeline_plot(answer, Path(args.plot_dir), cfg.eval.top_k_windows))
+    if args.json == "-":
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_answer(answer))
+        print(f"({len(answer.windows)} windows, {elapsed:.2f} s)")
+        if args.json:
+            atomic_write_json(args.json, out)
+            print(f"JSON written to {args.json}")
+        if args.plot_dir:
+            print(f"timeline plot: {out['plot']}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A whole split on Ray Data
+# ---------------------------------------------------------------------------------------------------------------
+class VideoPredictor:
+    """A Ray Data actor: holds the model and the split's feature stores; one video in, one row per query out."""
+
+    def __init__(
+        self,
+        payload_ref: list[Any],
+        overrides: list[str],
+        split: str,
+        timeline_ids: list[str],
+        window_cap: int,
+        num_threads: int,
+    ) -> None:
+        import ray
+        import torch
+
+        from rgnet.data.dataset import open_split
+        from rgnet.train.loop import resolve_device
+
+        torch.set_num_threads(max(1, num_threads))
+        payload = ray.get(payload_ref[0])  # wrapped in a list so that Ray hands over the reference, not a copy
+        self.model, self.cfg = model_and_config(payload, overrides)
+        self.device = resolve_device(self.cfg.train.device)
+        self.model.to(self.device).eval()
+        self.data = open_split(self.cfg.data, split)
+        self.by_id = {r.query_id: r for r in self.data.records}
+        self.timeline_ids = set(timeline_ids)
+        self.window_cap = window_cap
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from rgnet.data.samples import WindowSpec, video_item
+        from rgnet.eval.inference import infer_video, window_rows
+        from rgnet.eval.predictions import PredictionRow
+
+        spec = WindowSpec.from_config(self.cfg, self.data.fps)
+        rows_out: list[str] = []
+        timelines: list[str] = []
+        for key, ids_json in zip(batch["video_key"], batch["query_ids"]):
+            records = [self.by_id[q] for q in json.loads(str(ids_json))]
+            item = video_item(self.data, spec, str(key), records)
+            want = [i for i, r in enumerate(records) if r.query_id in self.timeline_ids]
+            rows, scores = infer_video(self.model, item, self.cfg.eval, self.device, keep_sampling_scores=bool(want))
+            for i, row in enumerate(window_rows(item, scores, rows)):
+                if row.windows is not None:  # the ranked windows past the largest retrieval K never count
+                    row = PredictionRow(row.query_id, row.video_id, row.predictions, row.windows[: self.window_cap])
+                rows_out.append(json.dumps(row.to_json()))
+                timelines.append(json.dumps(self._timeline(item, scores, i, row)) if i in want else "")
+        return {"row": np.array(rows_out, dtype=object), "timeline": np.array(timelines, dtype=object)}
+
+    def _timeline(self, item: Any, scores: Any, i: int, row: Any) -> dict[str, Any]:
+        from rgnet.eval.plots import frame_score_curve
+
+        rec = item.records[i]
+        num_frames = int(item.frames.shape[0])
+        curve = frame_score_curve(item.bounds, scores.sampling_score[i].numpy(), num_frames)
+        return {
+            "query_id": rec.query_id,
+            "query": rec.query,
+            "video_id": rec.video_id,
+            "duration_sec": item.duration_sec,
+            "fps": item.spec.fps,
+            "bounds": item.bounds.tolist(),
+            "context_logit": scores.context_logit[i].tolist(),
+            "frame_scores": [None if np.isnan(v) else float(v) for v in curve],
+            "gt": [rec.start_sec, rec.end_sec],
+            "predictions": row.predictions[:TIMELINE_TOP_N],
+        }
+
+
+def _actor_resources(requested: int, num_videos: int) -> tuple[int, float, float]:
+    """(actors, CPUs per actor, GPUs per actor) from the cluster's resources."""
+    import ray
+
+    res = ray.cluster_resources()
+    gpus = int(res.get("GPU", 0))
+    if gpus > 0:
+        n = requested or gpus
+        return max(1, min(n, num_videos)), 1.0, 1.0
+    cpus = int(res.get("CPU", 1))
+    n = requested or max(1, cpus - 1)  # leave a CPU for the read tasks and the driver
+    return max(1, min(n, num_videos)), 1.0, 0.0
+
+
+def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config, source: str) -> dict[str, Any]:
+    import ray
+
+    from pipelines import tracking
+    from pipelines.train import init_ray
+    from rgnet.data.dataset import open_split
+    from rgnet.eval.metrics import evaluate, format_table
+    from rgnet.eval.plots import query_timeline, recall_vs_k, retrieval_vs_windows
+    from rgnet.eval.predictions import PredictionRow, parse_row
+    from rgnet.io import atomic_open, atomic_write_json
+
+    split = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}.get(
+        args.split, args.split
+    )
+    data = open_split(cfg.data, split)  # fails here, before Ray starts, on a missing or malformed split
+    records = data.records
+    data.close()
+    by_video: dict[str, list[str]] = {}
+    for r in records:
+        by_video.setdefault(r.video_key, []).append(r.query_id)
+    out_dir = Path(args.out or f"predictions/{cfg.train.run_name}-{split}").resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timeline_ids = [r.query_id for r in records[: max(0, args.timelines)]]
+    window_cap = max([*cfg.eval.retrieval_ks, 100])
+
+    handle = None
+    if cfg.tracking.enabled and not args.no_tracking:
+        if args.tracking_uri:
+            cfg = apply_overrides(cfg, [f"tracking.uri={args.tracking_uri}"])
+        handle = tracking.open_run(
+            cfg, run_key=f"predict:{source}:{split}", tags={"rgnet.job": "predict", "rgnet.model": source}
+        )
+
+    connected = init_ray(cfg)
+    status = "FAILED"
+    try:
+        actors, cpus, gpus = _actor_resources(args.concurrency, len(by_video))
+        items = [{"video_key": k, "query_ids": json.dumps(v)} for k, v in by_video.items()]
+        videos = ray.data.from_items(items, override_num_blocks=len(items))  # one video per block: rows stream out
+        ds = videos.map_batches(
+            VideoPredictor,
+            fn_constructor_kwargs={
+                "payload_ref": [ray.put(payload)],
+                "overrides": list(args.overrides),
+                "split": split,
+                "timeline_ids": timeline_ids,
+                "window_cap": window_cap,
+                "num_threads": int(cpus),
+            },
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=cpus,
+            num_gpus=gpus,
+        )
+        log.info(
+            "predicting %d queries of %d videos on %d actor(s) (%s each)",
+            len(records),
+            len(by_video),
+            actors,
+            "1 GPU" if gpus else f"{cpus:g} CPU",
+        )
+        rows: list[PredictionRow] = []
+        timelines: list[dict[str, Any]] = []
+        pred_path = out_dir / "predictions.jsonl"
+        t0 = time.perf_counter()
+        with atomic_open(pred_path) as fh:
+            for n, out in enumerate(_rows(ds), 1):
+                fh.write(out["row"] + "\n")
+                rows.append(parse_row(json.loads(out["row"]), pred_path, n))
+                if out["timeline"]:
+                    timelines.append(json.loads(out["timeline"]))
+                if n % 200 == 0:
+                    log.info("%d/%d queries", n, len(records))
+        elapsed = time.perf_counter() - t0
+        report = evaluate(
+            rows,
+            records,
+            profile=cfg.eval.profile,
+            recall_ks=cfg.eval.recall_ks,
+            iou_thresholds=cfg.eval.iou_thresholds,
+            retrieval_ks=cfg.eval.retrieval_ks,
+            max_predictions=cfg.eval.max_predictions,
+            source=f"{split} predictions",
+        )
+        report.update({"split": split, "model": source, "seconds": round(elapsed, 2), "actors": actors})
+        atomic_write_json(out_dir / "report.json", report)
+        plots_dir = out_dir / "plots"
+        plots_dir.mkdir(exist_ok=True)
+        plots = [
+            recall_vs_k(
+                plots_dir / "recall_vs_k.png",
+                rows,
+                records,
+                profile=cfg.eval.profile,
+                iou_thresholds=cfg.eval.iou_thresholds,
+            ),
+            retrieval_vs_windows(plots_dir / "retrieval_vs_windows.png", rows, records),
+        ]
+        for t in timelines:
+            bounds = np.asarray(t["bounds"], dtype=np.int64)
+            scores = np.array([np.nan if v is None else v for v in t["frame_scores"]], dtype=np.float64)
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in t["query_id"])[:80]
+            plots.append(
+                query_timeline(
+                    plots_dir / f"timeline_{safe}.png",
+                    duration_sec=t["duration_sec"],
+                    window_bounds_sec=bounds / t["fps"],
+                    context_logit=np.asarray(t["context_logit"]),
+                    frame_times_sec=(np.arange(len(scores)) + 0.5) / t["fps"],
+                    frame_scores=scores,
+                    gt=tuple(t["gt"]),
+                    predictions=t["predictions"],
+                    top_k_windows=cfg.eval.top_k_windows,
+                    query=t["query"],
+                    top_n=TIMELINE_TOP_N,
+                )
+            )
+        print(format_table(report))
+        print(
+            f"{len(rows)} queries in {elapsed:.1f} s on {actors} actor(s); predictions {pred_path}, report "
+            f"{out_dir / 'report.json'}, plots {plots_dir}"
+        )
+        if handle is not None:
+            client = handle.client()
+            for name, value in report["metrics"].items():
+                client.log_metric(handle.run_id, tracking.metric_key(f"{split}/{name}"), float(value))
+            for path in (pred_path, out_dir / "report.json"):
+                client.log_artifact(handle.run_id, str(path))
+            for png in plots:
+                client.log_artifact(handle.run_id, str(png), "plots")
+            print(f"MLflow run {handle.run_id}: {tracking.ui_command(handle.uri)}")
+        status = "FINISHED"
+        return report
+    finally:
+        if handle is not None:
+            tracking.finish(handle, status)
+        if connected:
+            ray.shutdown()
+
+
+def _rows(ds: Any) -> Iterator[dict[str, str]]:
+    for row in ds.iter_rows():
+        yield {"row": str(row["row"]), "timeline": str(row["timeline"] or "")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _main(args: argparse.Namespace) -> int:
+    from rgnet.text import TextEncoderUnavailable
+
+    if args.video and args.split:
+        return fail("give --video (one query) or --split (batch inference), not both")
+    try:
+        if args.smoke_test and not (args.checkpoint or args.model_uri):
+            payload, source = smoke_payload(), "smoke-test (untrained tiny model)"
+            if not args.video and not args.split:
+                args.split = "val"
+        else:
+            payload, source = load_payload(args)
+        model, cfg = model_and_config(payload, args.overrides)
+        if args.split:
+            predict_split(args, payload, cfg, source)
+        elif args.video:
+            predict_one(args, model, cfg)
+        else:
+            return fail("give --video FEATURES[:KEY] with --query/--query-features, or --split NAME")
+    except (SetupError, FileNotFoundError, TextEncoderUnavailable) as e:
+        return fail(str(e))
+    except ValueError as e:  # ConfigError, DataError, and bad arguments found by the library (empty query, ...)
+        return fail(str(e))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    return _main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

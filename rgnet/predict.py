@@ -1,0 +1,297 @@
+"""Ground one sentence in one long video: what ``rgnet predict`` runs (no Ray, no MLflow).
+
+Inputs are features, not pixels: video features come from an external extractor at the rate the model was trained
+on (MAD: CLIP ViT-B/32 frame features at 5 fps, 512-d; Ego4D-NLQ: EgoVLP clip features at 1.875 fps, 256-d), and
+the query is either precomputed token features (L, Dt) from the training extractor or raw text for a model trained
+with ``data.text_encoder=minilm`` (see :mod:`rgnet.text`).
+
+Memory is bounded for any video length: the features are held once (T x Dv float32: a 3-hour movie at 5 fps with
+512-d features is 110 MB), the encoder runs over ``eval.window_chunk`` window-query pairs at a time, and only the
+top-k windows' encodings are kept for the decoder (:func:`rgnet.eval.inference.infer_video`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rgnet.config import Config
+from rgnet.data.formats import DEFAULT_FPS
+from rgnet.data.records import DataError, QueryRecord
+from rgnet.data.samples import VideoItem, WindowSpec
+from rgnet.data.windows import window_bounds
+from rgnet.eval.inference import VideoScores, infer_video
+from rgnet.model.rgnet import RGNet
+
+log = logging.getLogger(__name__)
+
+FEATURE_SUFFIXES = (".h5", ".hdf5", ".pt", ".pth", ".npy")
+
+
+@dataclass
+class FeatureSource:
+    """A feature array named on the command line as ``PATH`` or ``PATH:KEY``."""
+
+    path: Path
+    key: str | None
+
+    @classmethod
+    def parse(cls, spec: str) -> FeatureSource:
+        """``PATH[:KEY]``; the key is what follows the last ':' when the part before it is an existing file."""
+        if not spec:
+            raise ValueError("empty feature path")
+        if ":" in spec and not Path(spec).exists():
+            head, key = spec.rsplit(":", 1)
+            if Path(head).exists():
+                return cls(Path(head), key or None)
+        return cls(Path(spec), None)
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.key}" if self.key else str(self.path)
+
+
+def _h5_datasets(f: Any) -> list[str]:
+    import h5py
+
+    names: list[str] = []
+    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return names
+
+
+def read_features(src: FeatureSource, *, kind: str, dim: int, rank: int = 2) -> tuple[np.ndarray, str, float | None]:
+    """(array float32, key, fps attribute or None) of ``src``; errors name the file, the key and the field.
+
+    HDF5: ``KEY`` is a dataset path (e.g. a MAD movie id, or ``videos/<id>`` in the native layout); without a key
+    the file must hold exactly one dataset.  ``.pt``: a tensor, or a dict of tensors with ``KEY``.  ``.npy``: one
+    array.  The array must be ``rank``-dimensional with last dimension ``dim`` and finite.
+    """
+    path = src.path
+    if not path.is_file():
+        raise DataError(path, f"{kind} feature file not found", fix="check the path (PATH or PATH:KEY)")
+    suffix = path.suffix.lower()
+    fps: float | None = None
+    key = src.key
+    if suffix in (".h5", ".hdf5"):
+        import h5py
+
+        from rgnet.data.features import nearest_key
+
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise DataError(path, f"cannot open as HDF5: {e}", fix="check that the file is complete") from e
+        with f:
+            names = _h5_datasets(f)
+            if key is None:
+                if len(names) != 1:
+                    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+                    raise DataError(
+                        path,
+                        f"the file holds {len(names)} datasets ({shown}): say which one",
+                        field="key",
+                        fix=f"give {path}:KEY",
+                    )
+                key = names[0]
+            ds = f.get(key)
+            if not isinstance(ds, h5py.Dataset):
+                near = nearest_key(key, names)
+                raise DataError(
+                    path,
+                    f"no {kind} features under key {key!r}"
+                    + (f" (the nearest key is {near!r})" if near else " (the file holds no datasets)"),
+                    record=key,
+                    field="key",
+                    fix="check the video id (MAD: the movie id; native layout: videos/<id>)",
+                )
+            raw_fps = ds.attrs.get("fps", f.attrs.get("fps"))
+            fps = float(raw_fps) if raw_fps is not None else None
+            arr = np.asarray(ds[()])
+    elif suffix in (".pt", ".pth"):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, dict):
+            if key is None or key not in obj:
+                from rgnet.data.features import nearest_key
+
+                near = nearest_key(key or "", [str(k) for k in obj])
+                problem = "holds a dict of tensors: say which one" if key is None else f"has no key {key!r}"
+                raise DataError(
+                    path,
+                    f"{problem}" + (f" (the nearest key is {near!r})" if near else ""),
+                    record=key,
+                    field="key",
+                    fix=f"give {path}:KEY",
+                )
+            obj = obj[key]
+        if not isinstance(obj, torch.Tensor):
+            raise DataError(path, f"holds a {type(obj).__name__}, expected a tensor", record=key, field="key")
+        arr = obj.detach().cpu().numpy()
+        key = key or path.stem
+    elif suffix == ".npy":
+        if key is not None:
+            raise DataError(path, "a .npy file holds one array: drop the ':KEY'", record=key, field="key")
+        arr = np.load(path, allow_pickle=False)
+        key = path.stem
+    else:
+        raise DataError(path, f"unknown feature file type {suffix!r}", fix=f"use one of {', '.join(FEATURE_SUFFIXES)}")
+
+    want = "(T, D)" if kind == "video" else "(L, D)"
+    if arr.ndim != rank or arr.shape[-1] != dim or arr.shape[0] == 0:
+        raise DataError(
+            path,
+            f"{kind} features {key!r} have shape {tuple(arr.shape)}, but this model expects {want} with D = {dim}"
+            + (" and at least one row" if arr.ndim == rank and arr.shape[-1] == dim else ""),
+            record=key,
+            field="shape",
+            fix=f"use the {kind} extractor the model was trained with (data.{kind}_dim={dim})",
+        )
+    if arr.dtype.kind not in "fiu":
+        raise DataError(path, f"{kind} features {key!r} have dtype {arr.dtype}, expected float", record=key)
+    out = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise DataError(path, f"{kind} features {key!r} contain NaN or Inf", record=key, field="values")
+    return out, key, fps
+
+
+def prepare_tokens(tokens: np.ndarray, max_tokens: int, normalize: bool) -> np.ndarray:
+    """The dataset reader's treatment of query tokens: the first ``max_tokens``, each L2-normalised if asked."""
+    tokens = np.asarray(tokens[:max_tokens], dtype=np.float32)
+    if normalize:
+        tokens = tokens / np.maximum(np.linalg.norm(tokens, axis=1, keepdims=True), np.float32(1e-12))
+    return tokens.astype(np.float32, copy=False)
+
+
+def training_fps(cfg: Config) -> float | None:
+    """The feature rate the model was trained at, when the config says (data.fps or the layout's rate)."""
+    if cfg.data.fps > 0:
+        return float(cfg.data.fps)
+    return DEFAULT_FPS.get(cfg.data.layout)
+
+
+def resolve_fps(cfg: Config, given: float | None, stored: float | None, source: object) -> float:
+    """``--fps``, else the file's ``fps`` attribute, else the training rate; warns when they disagree."""
+    trained = training_fps(cfg)
+    fps = given or stored or trained
+    if fps is None or fps <= 0:
+        raise DataError(
+            source,
+            "the feature rate is unknown: the file has no 'fps' attribute and the model's config does not say",
+            field="fps",
+            fix="pass --fps (MAD CLIP features: 5; Ego4D EgoVLP features: 1.875)",
+        )
+    if trained is not None and not math.isclose(fps, trained, rel_tol=1e-6):
+        log.warning(
+            "%s: features at %g fps, but the model was trained on %g fps features (windows keep their seconds)",
+            source,
+            fps,
+            trained,
+        )
+    return float(fps)
+
+
+def needs_sentence(model: RGNet, cfg: Config) -> bool:
+    """Frozen-feature ranking (model.retrieval=none, the disjoint baseline) and eval.fusion=matching need a
+    sentence feature in the video tower's space."""
+    return model.context_head is None or cfg.eval.fusion == "matching"
+
+
+@dataclass
+class Grounding:
+    """The answer for one query: moments best first, plus what the retrieval stage saw (for plots)."""
+
+    video: str
+    query: str
+    duration_sec: float
+    fps: float
+    moments: list[list[float]]  # [start_sec, end_sec, score], best first, after NMS
+    windows: list[list[float]]  # every window [start_sec, end_sec, sigmoid(s_ctx)], best first
+    bounds: np.ndarray  # (P, 2) window frames [start, stop)
+    scores: VideoScores  # context logits (1, P) and, when asked, sampling scores (1, P, W)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "video": self.video,
+            "query": self.query,
+            "duration_sec": self.duration_sec,
+            "fps": self.fps,
+            "moments": [
+                {"rank": i + 1, "start_sec": s, "end_sec": e, "score": p} for i, (s, e, p) in enumerate(self.moments)
+            ],
+            "top_windows": [{"start_sec": s, "end_sec": e, "score": p} for s, e, p in self.windows[:10]],
+        }
+
+
+@torch.no_grad()
+def ground(
+    model: RGNet,
+    cfg: Config,
+    frames: np.ndarray,
+    fps: float,
+    tokens: np.ndarray,
+    *,
+    video: str = "video",
+    query: str = "",
+    sentence: np.ndarray | None = None,
+    top_n: int = 10,
+    device: torch.device | None = None,
+    keep_sampling_scores: bool = False,
+) -> Grounding:
+    """The top ``top_n`` moments of ``query`` (token features ``tokens``) in the video ``frames`` (T, Dv) at ``fps``.
+
+    Moments are in seconds inside [0, T / fps], NMS-ed at ``eval.nms_iou`` and sorted by score
+    (``p_fg * sigmoid(s_ctx)``, DESIGN section 5).
+    """
+    if top_n < 1:
+        raise ValueError(f"top_n must be >= 1, got {top_n}")
+    if len(tokens) == 0:
+        raise ValueError("the query has no tokens")
+    device = device or torch.device("cpu")
+    duration = frames.shape[0] / fps
+    spec = WindowSpec.from_config(cfg, fps)
+    record = QueryRecord(
+        query_id="query",
+        video_id=video,
+        query=query or "(features)",
+        start_sec=0.0,
+        end_sec=0.0,
+        duration_sec=duration,
+        video_key=video,
+        query_key="query",
+    )
+    item = VideoItem(
+        video_key=video,
+        duration_sec=duration,
+        frames=torch.from_numpy(frames),
+        bounds=window_bounds(frames.shape[0], spec.length, spec.stride),
+        spec=spec,
+        records=[record],
+        texts=[prepare_tokens(tokens, cfg.data.max_query_tokens, cfg.data.normalize_text)],
+        sentences=[sentence] if sentence is not None else None,
+    )
+    eval_cfg = replace(cfg.eval, max_predictions=top_n)
+    rows, scores = infer_video(model, item, eval_cfg, device, keep_sampling_scores=keep_sampling_scores)
+    bounds_sec = item.bounds / fps
+    order = torch.sort(scores.context_logit[0], descending=True, stable=True).indices.numpy()
+    prob = torch.sigmoid(scores.context_logit[0].double()).numpy()
+    windows = [[float(bounds_sec[i, 0]), float(bounds_sec[i, 1]), float(prob[i])] for i in order]
+    return Grounding(video, query, duration, fps, rows[0].predictions, windows, item.bounds, scores)
+
+
+def text_tokens(cfg: Config, query: str) -> np.ndarray:
+    """Token features of raw text with the model's text encoder (``data.text_encoder``)."""
+    from rgnet.text import get_text_encoder
+
+    if not query.strip():
+        raise ValueError("the query is empty: give a sentence with --query")
+    if not cfg.data.text_encoder:
+        raise ValueError(
+            f"this model reads precomputed {cfg.data.text_dim}-d query token features (it was trained without "
+            "data.text_encoder): pass --query-features FILE[:KEY] from the same text extractor (MAD: CLIP token "
+            "features), or train with data.text_encoder=minilm data.text_dim=384 to query with raw text"
+        )
+    return get_text_encoder(cfg.data.text_encoder).encode([query])[0]
