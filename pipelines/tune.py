@@ -262,6 +262,20 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
         results = tuner.fit()
+        expected = (
+            space.num_grid_points() * max(1, math.ceil(args.trials / space.num_grid_points()))
+            if uses_grid(space)
+            else args.trials
+        )
+        done = results.num_terminated + results.num_errors
+        if done < expected:  # Ctrl-C: Tune saved the sweep and returned early (it does not raise)
+            status = "KILLED"
+            print(
+                f"sweep {name} interrupted after {done} of {expected} trials; the same command resumes it "
+                "(finished trials are kept)",
+                flush=True,
+            )
+            return {"interrupted": True, "finished_trials": done, "trials": expected}
         summary = summarise(results, space, base, metric, mode, name, args, parent)
         status = "FINISHED"
         return summary
@@ -280,6 +294,7 @@ def summarise(
 ) -> dict[str, Any]:
     """Best trial -> preset YAML; trial table; MLflow parent params/metrics/plots; ASHA-stopped runs marked."""
     from pipelines import tracking
+    from rgnet.io import atomic_write_text
 
     rows: list[dict[str, Any]] = []
     for r in results:
@@ -318,7 +333,7 @@ def summarise(
     print(f"best config: {out}\n  train it: rgnet train --config {out}")
 
     summary = {"metric": metric, "mode": mode, "trials": rows, "best": best_row, "best_config": str(out)}
-    (out.parent / "sweep.json").write_text(json.dumps(summary, indent=1, default=str))
+    atomic_write_text(out.parent / "sweep.json", json.dumps(summary, indent=1, default=str))
     if parent is not None:
         log_sweep(parent, rows, best_row, metric, out, space)
         mark_stopped_children(parent, name)
@@ -413,8 +428,8 @@ def mark_stopped_children(parent: Any, name: str) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
-    run_sweep(args)
-    return 0
+    summary = run_sweep(args)
+    return 130 if summary.get("interrupted") else 0
 
 
 def main(argv: list[str] | None = None) -> int:
