@@ -1,4 +1,6 @@
-"""Ray Data: annotation table + feature files -> the training batches of every Ray Train worker.
+"""Ray Data: annotation table + feature files -> the training batches of every Ray Train worker, and the
+evaluation stream of batch inference (:func:`build_eval_dataset`: one video with all its windows and queries per row,
+predicted by actors that hold the model).
 
 Work is sharded by video: the dataset starts as one row per video (its key and the ids of its queries); a map
 stage (:func:`read_video`, backed by :class:`VideoCandidates`, a callable class that opens the split lazily and
@@ -179,3 +181,114 @@ def epoch_batches(shard: Any, cfg: Config, epoch: int, num_steps: int, *, rank: 
 def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
     """Seed of a worker's local shuffle buffer for an epoch (the same on a resumed run)."""
     return zlib.crc32(f"{seed}:{epoch}:{rank}".encode())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: one video (all its windows, every query about it) per row, through model-holding actors
+# ---------------------------------------------------------------------------------------------------------------
+class VideoPredictor:
+    """A Ray Data actor: holds the model and the split's feature stores; one video in, one row per query out."""
+
+    def __init__(
+        self,
+        payload_ref: list[Any],
+        overrides: list[str],
+        split: str,
+        timeline_ids: list[str],
+        window_cap: int,
+        num_threads: int,
+    ) -> None:
+        import ray
+        import torch
+
+        from pipelines.predict import model_and_config
+        from rgnet.train.loop import resolve_device
+
+        torch.set_num_threads(max(1, num_threads))
+        payload = ray.get(payload_ref[0])  # wrapped in a list so that Ray hands over the reference, not a copy
+        self.model, self.cfg = model_and_config(payload, overrides)
+        self.device = resolve_device(self.cfg.train.device)
+        self.model.to(self.device).eval()
+        self.data = open_split(self.cfg.data, split)
+        self.by_id = {r.query_id: r for r in self.data.records}
+        self.timeline_ids = set(timeline_ids)
+        self.window_cap = window_cap
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from rgnet.data.samples import video_item
+        from rgnet.eval.inference import infer_video, window_rows
+        from rgnet.eval.predictions import PredictionRow
+
+        spec = WindowSpec.from_config(self.cfg, self.data.fps)
+        rows_out: list[str] = []
+        timelines: list[str] = []
+        for key, ids_json in zip(batch["video_key"], batch["query_ids"]):
+            records = [self.by_id[q] for q in json.loads(str(ids_json))]
+            item = video_item(self.data, spec, str(key), records)
+            want = [i for i, r in enumerate(records) if r.query_id in self.timeline_ids]
+            rows, scores = infer_video(self.model, item, self.cfg.eval, self.device, keep_sampling_scores=bool(want))
+            for i, row in enumerate(window_rows(item, scores, rows)):
+                if row.windows is not None:  # the ranked windows past the largest retrieval K never count
+                    row = PredictionRow(row.query_id, row.video_id, row.predictions, row.windows[: self.window_cap])
+                rows_out.append(json.dumps(row.to_json()))
+                timelines.append(json.dumps(self._timeline(item, scores, i, row)) if i in want else "")
+        return {"row": np.array(rows_out, dtype=object), "timeline": np.array(timelines, dtype=object)}
+
+    def _timeline(self, item: Any, scores: Any, i: int, row: Any) -> dict[str, Any]:
+        from rgnet.eval.plots import TIMELINE_PREDICTIONS, frame_score_curve
+
+        rec = item.records[i]
+        num_frames = int(item.frames.shape[0])
+        curve = frame_score_curve(item.bounds, scores.sampling_score[i].numpy(), num_frames)
+        return {
+            "query_id": rec.query_id,
+            "query": rec.query,
+            "video_id": rec.video_id,
+            "duration_sec": item.duration_sec,
+            "fps": item.spec.fps,
+            "bounds": item.bounds.tolist(),
+            "context_logit": scores.context_logit[i].tolist(),
+            "frame_scores": [None if np.isnan(v) else float(v) for v in curve],
+            "gt": [rec.start_sec, rec.end_sec],
+            "predictions": row.predictions[:TIMELINE_PREDICTIONS],
+        }
+
+
+def build_eval_dataset(
+    payload: dict[str, Any],
+    overrides: list[str],
+    split: str,
+    by_video: dict[str, list[str]],
+    *,
+    actors: int,
+    cpus: float,
+    gpus: float,
+    timeline_ids: list[str],
+    window_cap: int,
+) -> ray.data.Dataset:
+    """Prediction rows (``row``: a prediction JSON line; ``timeline``: plot data or "") for every query of ``split``.
+
+    One input row per video (``by_video``: video key -> query ids), one block each, so rows stream out video by
+    video; ``actors`` :class:`VideoPredictor` actors with ``cpus`` / ``gpus`` each hold the model (the checkpoint
+    payload goes through the object store once) and the split's feature readers.
+    """
+    import ray
+
+    items = [{"video_key": k, "query_ids": json.dumps(v)} for k, v in by_video.items()]
+    videos = ray.data.from_items(items, override_num_blocks=len(items))
+    return videos.map_batches(
+        VideoPredictor,
+        fn_constructor_kwargs={
+            "payload_ref": [ray.put(payload)],
+            "overrides": overrides,
+            "split": split,
+            "timeline_ids": timeline_ids,
+            "window_cap": window_cap,
+            "num_threads": int(cpus),
+        },
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus,
+        num_gpus=gpus,
+    )

@@ -6,10 +6,11 @@ Two modes, one command:
   seconds with scores, printed as a table (``--json FILE|-`` for JSON), and with ``--plot-dir`` the query's timeline
   plot (window context scores and frame sampling scores over the whole video, the paper's Fig. 10).  Runs in this
   process; memory is bounded for any video length (:mod:`rgnet.predict`).
-* **A whole split** (``--split val``): batch inference with Ray Data.  One row per video streams through a pool of
-  actors that each hold the model (a GPU each when the cluster has GPUs); the driver writes the prediction JSON
-  Lines as rows arrive, then the metric report and the plots (Recall@K vs K, retrieval Recall@K vs number of
-  windows, a few query timelines) into ``--out``, and logs all of it to MLflow when tracking is on.
+* **A whole split** (``--split val``): batch inference with Ray Data (:func:`pipelines.data.build_eval_dataset`).
+  One row per video streams through a pool of actors that each hold the model (a GPU each when the cluster has
+  GPUs); the driver writes the prediction JSON Lines as rows arrive, then the metric report and the plots (Recall@K
+  vs K, retrieval Recall@K vs number of windows, a few query timelines) into ``--out``, and logs all of it to MLflow
+  when tracking is on.
 
 The model comes from ``--checkpoint FILE`` (``rgnet train`` writes ``runs/<name>/best.pt``) or ``--model-uri``
 (``runs:/<run id>/model`` or ``models:/<name>/<version>`` from the MLflow store).
@@ -34,7 +35,6 @@ from rgnet.config import Config, ConfigError, apply_overrides
 
 log = logging.getLogger("rgnet.predict")
 
-TIMELINE_TOP_N = 5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +145,7 @@ def format_answer(answer: Any) -> str:
 
 
 def timeline_plot(answer: Any, out_dir: Path, top_k_windows: int, gt: tuple[float, float] | None = None) -> Path:
-    from rgnet.eval.plots import frame_score_curve, query_timeline
+    from rgnet.eval.plots import TIMELINE_PREDICTIONS, frame_score_curve, query_timeline
 
     frame_scores = None
     times = None
@@ -165,7 +165,7 @@ def timeline_plot(answer: Any, out_dir: Path, top_k_windows: int, gt: tuple[floa
         predictions=answer.moments,
         top_k_windows=top_k_windows,
         query=answer.query,
-        top_n=TIMELINE_TOP_N,
+        top_n=TIMELINE_PREDICTIONS,
     )
 
 
@@ -242,74 +242,6 @@ def predict_one(args: argparse.Namespace, model: Any, cfg: Config) -> dict[str, 
 # ---------------------------------------------------------------------------------------------------------------
 # A whole split on Ray Data
 # ---------------------------------------------------------------------------------------------------------------
-class VideoPredictor:
-    """A Ray Data actor: holds the model and the split's feature stores; one video in, one row per query out."""
-
-    def __init__(
-        self,
-        payload_ref: list[Any],
-        overrides: list[str],
-        split: str,
-        timeline_ids: list[str],
-        window_cap: int,
-        num_threads: int,
-    ) -> None:
-        import ray
-        import torch
-
-        from rgnet.data.dataset import open_split
-        from rgnet.train.loop import resolve_device
-
-        torch.set_num_threads(max(1, num_threads))
-        payload = ray.get(payload_ref[0])  # wrapped in a list so that Ray hands over the reference, not a copy
-        self.model, self.cfg = model_and_config(payload, overrides)
-        self.device = resolve_device(self.cfg.train.device)
-        self.model.to(self.device).eval()
-        self.data = open_split(self.cfg.data, split)
-        self.by_id = {r.query_id: r for r in self.data.records}
-        self.timeline_ids = set(timeline_ids)
-        self.window_cap = window_cap
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from rgnet.data.samples import WindowSpec, video_item
-        from rgnet.eval.inference import infer_video, window_rows
-        from rgnet.eval.predictions import PredictionRow
-
-        spec = WindowSpec.from_config(self.cfg, self.data.fps)
-        rows_out: list[str] = []
-        timelines: list[str] = []
-        for key, ids_json in zip(batch["video_key"], batch["query_ids"]):
-            records = [self.by_id[q] for q in json.loads(str(ids_json))]
-            item = video_item(self.data, spec, str(key), records)
-            want = [i for i, r in enumerate(records) if r.query_id in self.timeline_ids]
-            rows, scores = infer_video(self.model, item, self.cfg.eval, self.device, keep_sampling_scores=bool(want))
-            for i, row in enumerate(window_rows(item, scores, rows)):
-                if row.windows is not None:  # the ranked windows past the largest retrieval K never count
-                    row = PredictionRow(row.query_id, row.video_id, row.predictions, row.windows[: self.window_cap])
-                rows_out.append(json.dumps(row.to_json()))
-                timelines.append(json.dumps(self._timeline(item, scores, i, row)) if i in want else "")
-        return {"row": np.array(rows_out, dtype=object), "timeline": np.array(timelines, dtype=object)}
-
-    def _timeline(self, item: Any, scores: Any, i: int, row: Any) -> dict[str, Any]:
-        from rgnet.eval.plots import frame_score_curve
-
-        rec = item.records[i]
-        num_frames = int(item.frames.shape[0])
-        curve = frame_score_curve(item.bounds, scores.sampling_score[i].numpy(), num_frames)
-        return {
-            "query_id": rec.query_id,
-            "query": rec.query,
-            "video_id": rec.video_id,
-            "duration_sec": item.duration_sec,
-            "fps": item.spec.fps,
-            "bounds": item.bounds.tolist(),
-            "context_logit": scores.context_logit[i].tolist(),
-            "frame_scores": [None if np.isnan(v) else float(v) for v in curve],
-            "gt": [rec.start_sec, rec.end_sec],
-            "predictions": row.predictions[:TIMELINE_TOP_N],
-        }
-
-
 def _actor_resources(requested: int, num_videos: int) -> tuple[int, float, float]:
     """(actors, CPUs per actor, GPUs per actor) from the cluster's resources."""
     import ray
@@ -328,10 +260,11 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
     import ray
 
     from pipelines import tracking
+    from pipelines.data import build_eval_dataset
     from pipelines.train import init_ray
     from rgnet.data.dataset import open_split
     from rgnet.eval.metrics import evaluate, format_table
-    from rgnet.eval.plots import query_timeline, recall_vs_k, retrieval_vs_windows
+    from rgnet.eval.plots import TIMELINE_PREDICTIONS, query_timeline, recall_vs_k, retrieval_vs_windows
     from rgnet.eval.predictions import PredictionRow, parse_row
     from rgnet.io import atomic_open, atomic_write_json
 
@@ -361,23 +294,16 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
     status = "FAILED"
     try:
         actors, cpus, gpus = _actor_resources(args.concurrency, len(by_video))
-        items = [{"video_key": k, "query_ids": json.dumps(v)} for k, v in by_video.items()]
-        videos = ray.data.from_items(items, override_num_blocks=len(items))  # one video per block: rows stream out
-        ds = videos.map_batches(
-            VideoPredictor,
-            fn_constructor_kwargs={
-                "payload_ref": [ray.put(payload)],
-                "overrides": list(args.overrides),
-                "split": split,
-                "timeline_ids": timeline_ids,
-                "window_cap": window_cap,
-                "num_threads": int(cpus),
-            },
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=cpus,
-            num_gpus=gpus,
+        ds = build_eval_dataset(
+            payload,
+            list(args.overrides),
+            split,
+            by_video,
+            actors=actors,
+            cpus=cpus,
+            gpus=gpus,
+            timeline_ids=timeline_ids,
+            window_cap=window_cap,
         )
         log.info(
             "predicting %d queries of %d videos on %d actor(s) (%s each)",
@@ -439,7 +365,7 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
                     predictions=t["predictions"],
                     top_k_windows=cfg.eval.top_k_windows,
                     query=t["query"],
-                    top_n=TIMELINE_TOP_N,
+                    top_n=TIMELINE_PREDICTIONS,
                 )
             )
         print(format_table(report))

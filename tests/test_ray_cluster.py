@@ -1,10 +1,11 @@
-"""Clusters of their own, started with ``ray start`` on loopback: the smoke job through the Jobs SDK, interrupted
-and resubmitted; and a second node joined with ``ray start --address``, over which the job's two Ray Train workers
-spread (this replaced a ``ray.cluster_utils.Cluster`` test of the same property that took four times as long)."""
+"""Clusters of their own: a two-node ``ray.cluster_utils.Cluster`` (workers spread over the nodes); a ``ray start
+--head`` on loopback that runs the smoke job through the Jobs SDK, interrupted and resubmitted; and the same head with
+a second node joined by ``ray start --address``, over which the job's two Ray Train workers spread."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -45,6 +46,24 @@ def _values(uri: str, run_id: str, key: str = "resumed_after_epoch") -> list[flo
     from mlflow import MlflowClient
 
     return [m.value for m in sorted(MlflowClient(uri).get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+@pytest.mark.timeout(420)
+def test_two_node_cluster_spreads_the_workers(tmp_path: Path) -> None:
+    result = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "ray_cluster_driver.py"), str(tmp_path), str(result)],
+        cwd=REPO, capture_output=True, text=True, timeout=400, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = json.loads(result.read_text())
+    assert len(out["nodes"]) == 2
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (run,) = _runs(uri, f"{tmp_path / 'ray_results'}/tiny")
+    worker_nodes = run.data.tags["rgnet.worker_nodes"].split(",")
+    assert sorted(worker_nodes) == out["nodes"], "the two workers did not run on two different nodes"
+    assert _epochs(uri, run.info.run_id) == [1]
+    assert run.info.status == "FINISHED"
 
 
 @pytest.fixture
@@ -111,52 +130,6 @@ def _wait_status(client: object, job_id: str, wanted: set[str], timeout: float) 
     raise AssertionError(f"job {job_id} did not reach {wanted}; logs:\n{logs[-5000:]}")
 
 
-@pytest.mark.timeout(540)
-def test_job_submit_smoke_interrupted_and_resubmitted(ray_head: str, tmp_path: Path) -> None:
-    """The smoke job through the Jobs SDK; its driver is killed (`ray job stop`) after the first checkpoint, and the
-    same job submitted again resumes from that checkpoint into the same MLflow run, every epoch logged once."""
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(ray_head)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    entrypoint = (
-        f"{sys.executable} -m pipelines.train --smoke-test --no-test --tracking-uri {uri} train.epochs=3 "
-        f"data.root={tmp_path / 'data'} train.output_dir={tmp_path / 'runs'} "
-        f"ray.storage_path={tmp_path / 'ray_results'} train.progress=false"
-    )
-    runtime_env = {
-        "working_dir": str(REPO),
-        "excludes": ["data/", "runs/", "mlflow.db", "mlartifacts/", ".git/", "*.egg-info/", ".mypy_cache/"],
-        "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120"},
-    }
-    key = f"{tmp_path / 'ray_results'}/tiny-smoke"
-
-    first = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
-    deadline = time.monotonic() + 300
-    while not (_runs(uri, key) and _epochs(uri, _runs(uri, key)[0].info.run_id)):
-        assert time.monotonic() < deadline, client.get_job_logs(first)[-5000:]
-        assert client.get_job_status(first).value in ("PENDING", "RUNNING"), client.get_job_logs(first)[-5000:]
-        time.sleep(0.3)
-    client.stop_job(first)  # SIGTERM, then SIGKILL: the driver dies without cleaning up
-    assert _wait_status(client, first, {"STOPPED", "FAILED", "SUCCEEDED"}, 60) == "STOPPED"
-    (run,) = _runs(uri, key)
-    done = _epochs(uri, run.info.run_id)
-    assert done and max(done) < 3
-    assert run.info.status in ("KILLED", "RUNNING")  # KILLED if the driver had time to say so before SIGKILL
-
-    second = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
-    status = _wait_status(client, second, {"SUCCEEDED", "FAILED", "STOPPED"}, 400)
-    assert status == "SUCCEEDED", client.get_job_logs(second)[-5000:]
-    logs = client.get_job_logs(second)
-    assert "resuming Ray Train run" in logs and f"resuming after epoch {max(done)}" in logs
-    (run,) = _runs(uri, key)  # the same MLflow run, reused
-    assert run.info.status == "FINISHED"
-    assert _epochs(uri, run.info.run_id) == [1, 2, 3]
-    assert _epochs(uri, run.info.run_id, "train/loss") == [1, 2, 3]
-    resumed = dict(zip(_epochs(uri, run.info.run_id, "resumed_after_epoch"), _values(uri, run.info.run_id)))
-    assert resumed[max(done) + 1] == max(done)  # the epoch after the interruption ran from its checkpoint
-
-
 @pytest.fixture
 def two_node_head(ray_head: str) -> Iterator[str]:
     """``ray_head`` plus a second node (`ray start --address` on loopback, 1 CPU); yields the Jobs address."""
@@ -198,16 +171,18 @@ def _alive_nodes(client: object) -> int:
     return next((int(line[2:]) for line in logs.splitlines() if line.startswith("N=")), 0)
 
 
-@pytest.mark.timeout(480)
-def test_jobs_api_on_two_nodes_spreads_the_workers(two_node_head: str, tmp_path: Path) -> None:
-    """`ray start --head` + `ray start --address` on loopback; the smoke job through the Jobs SDK; its two Ray Train
-    workers land on the two nodes (the MLflow run's ``rgnet.worker_nodes`` tag lists the nodes that reported)."""
+@pytest.mark.timeout(600)
+def test_jobs_on_two_nodes_interrupted_and_resubmitted(two_node_head: str, tmp_path: Path) -> None:
+    """`ray start --head` + `ray start --address` on loopback; the smoke job through the Jobs SDK with its two Ray
+    Train workers on the two nodes (STRICT_SPREAD; the MLflow run's ``rgnet.worker_nodes`` tag lists the nodes that
+    reported).  Its driver is stopped (`ray job stop`) after the first checkpoint, and the same job submitted again
+    resumes from that checkpoint into the same MLflow run, every epoch logged once."""
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(two_node_head)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     entrypoint = (
-        f"{sys.executable} -m pipelines.train --smoke-test --no-test --tracking-uri {uri} train.epochs=1 "
+        f"{sys.executable} -m pipelines.train --smoke-test --no-test --tracking-uri {uri} train.epochs=3 "
         f"data.root={tmp_path / 'data'} train.output_dir={tmp_path / 'runs'} "
         f"ray.storage_path={tmp_path / 'ray_results'} train.progress=false ray.num_workers=2 ray.cpus_per_worker=0.5 "
         "ray.placement_strategy=STRICT_SPREAD"
@@ -217,9 +192,30 @@ def test_jobs_api_on_two_nodes_spreads_the_workers(two_node_head: str, tmp_path:
         "excludes": ["data/", "runs/", "mlflow.db", "mlartifacts/", ".git/", "*.egg-info/", ".mypy_cache/"],
         "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120"},
     }
-    job = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
-    status = _wait_status(client, job, {"SUCCEEDED", "FAILED", "STOPPED"}, 420)
-    assert status == "SUCCEEDED", client.get_job_logs(job)[-5000:]
-    (run,) = _runs(uri, f"{tmp_path / 'ray_results'}/tiny-smoke")
+    key = f"{tmp_path / 'ray_results'}/tiny-smoke"
+
+    first = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    deadline = time.monotonic() + 300
+    while not (_runs(uri, key) and _epochs(uri, _runs(uri, key)[0].info.run_id)):
+        assert time.monotonic() < deadline, client.get_job_logs(first)[-5000:]
+        assert client.get_job_status(first).value in ("PENDING", "RUNNING"), client.get_job_logs(first)[-5000:]
+        time.sleep(0.3)
+    client.stop_job(first)  # SIGTERM, then SIGKILL: the driver dies without cleaning up
+    assert _wait_status(client, first, {"STOPPED", "FAILED", "SUCCEEDED"}, 60) == "STOPPED"
+    (run,) = _runs(uri, key)
+    done = _epochs(uri, run.info.run_id)
+    assert done and max(done) < 3
+    assert run.info.status in ("KILLED", "RUNNING")  # KILLED if the driver had time to say so before SIGKILL
+
+    second = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    status = _wait_status(client, second, {"SUCCEEDED", "FAILED", "STOPPED"}, 400)
+    assert status == "SUCCEEDED", client.get_job_logs(second)[-5000:]
+    logs = client.get_job_logs(second)
+    assert "resuming Ray Train run" in logs and f"resuming after epoch {max(done)}" in logs
+    (run,) = _runs(uri, key)  # the same MLflow run, reused
     assert run.info.status == "FINISHED"
+    assert _epochs(uri, run.info.run_id) == [1, 2, 3]
+    assert _epochs(uri, run.info.run_id, "train/loss") == [1, 2, 3]
+    resumed = dict(zip(_epochs(uri, run.info.run_id, "resumed_after_epoch"), _values(uri, run.info.run_id)))
+    assert resumed[max(done) + 1] == max(done)  # the epoch after the interruption ran from its checkpoint
     assert len(set(run.data.tags["rgnet.worker_nodes"].split(","))) == 2, run.data.tags

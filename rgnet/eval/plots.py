@@ -37,6 +37,7 @@ DPI = 100
 TIMELINE_SIZE_PX = (1200, 600)  # (width, height) of query_timeline
 CURVE_SIZE_PX = (800, 500)  # recall_vs_k, retrieval_vs_windows, epoch_curves
 TIMELINE_BINS = 4000  # a curve with more points is max-pooled into this many bins before drawing
+TIMELINE_PREDICTIONS = 5  # top predictions a timeline draws by default
 TITLE_CHARS = 100  # longer query texts are cut to this many characters in a title
 
 
