@@ -120,7 +120,7 @@ def build_train_dataset(cfg: Config, data: SplitData) -> ray.data.Dataset:
         seed=ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
     )
     return videos.flat_map(
-        read_video,  # type: ignore[arg-type]  # Ray's stub does not know fn_args
+        read_video,
         fn_args=(to_dict(cfg), data.split),
         compute=ray.data.TaskPoolStrategy(size=max(1, cfg.ray.data_workers)),
         num_cpus=cfg.ray.data_cpus,
@@ -137,7 +137,7 @@ class CollateCandidates(NumpyBatchCollateFn):
     def __init__(self, cfg: Config, epoch: int) -> None:
         self.seed, self.negatives, self.epoch = cfg.train.seed, cfg.loss.negatives, epoch
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Tensor]:  # type: ignore[override]
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Tensor]:
         items = []
         for i, qid in enumerate(batch["query_id"]):
             cand = {k: np.asarray(batch[k][i]) for k in CANDIDATE_COLUMNS if k in batch}
@@ -195,7 +195,6 @@ class VideoPredictor:
         overrides: list[str],
         split: str,
         timeline_ids: list[str],
-        window_cap: int,
         num_threads: int,
     ) -> None:
         import ray
@@ -212,12 +211,10 @@ class VideoPredictor:
         self.data = open_split(self.cfg.data, split)
         self.by_id = {r.query_id: r for r in self.data.records}
         self.timeline_ids = set(timeline_ids)
-        self.window_cap = window_cap
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from rgnet.data.samples import video_item
         from rgnet.eval.inference import infer_video, window_rows
-        from rgnet.eval.predictions import PredictionRow
 
         spec = WindowSpec.from_config(self.cfg, self.data.fps)
         rows_out: list[str] = []
@@ -228,8 +225,6 @@ class VideoPredictor:
             want = [i for i, r in enumerate(records) if r.query_id in self.timeline_ids]
             rows, scores = infer_video(self.model, item, self.cfg.eval, self.device, keep_sampling_scores=bool(want))
             for i, row in enumerate(window_rows(item, scores, rows)):
-                if row.windows is not None:  # the ranked windows past the largest retrieval K never count
-                    row = PredictionRow(row.query_id, row.video_id, row.predictions, row.windows[: self.window_cap])
                 rows_out.append(json.dumps(row.to_json()))
                 timelines.append(json.dumps(self._timeline(item, scores, i, row)) if i in want else "")
         return {"row": np.array(rows_out, dtype=object), "timeline": np.array(timelines, dtype=object)}
@@ -264,7 +259,6 @@ def build_eval_dataset(
     cpus: float,
     gpus: float,
     timeline_ids: list[str],
-    window_cap: int,
 ) -> ray.data.Dataset:
     """Prediction rows (``row``: a prediction JSON line; ``timeline``: plot data or "") for every query of ``split``.
 
@@ -283,7 +277,6 @@ def build_eval_dataset(
             "overrides": overrides,
             "split": split,
             "timeline_ids": timeline_ids,
-            "window_cap": window_cap,
             "num_threads": int(cpus),
         },
         batch_size=1,

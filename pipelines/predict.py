@@ -280,7 +280,6 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
     out_dir = Path(args.out or f"predictions/{cfg.train.run_name}-{split}").resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     timeline_ids = [r.query_id for r in records[: max(0, args.timelines)]]
-    window_cap = max([*cfg.eval.retrieval_ks, 100])
 
     handle = None
     if cfg.tracking.enabled and not args.no_tracking:
@@ -303,7 +302,6 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
             cpus=cpus,
             gpus=gpus,
             timeline_ids=timeline_ids,
-            window_cap=window_cap,
         )
         log.info(
             "predicting %d queries of %d videos on %d actor(s) (%s each)",
@@ -319,7 +317,8 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
         with atomic_open(pred_path) as fh:
             for n, out in enumerate(_rows(ds), 1):
                 fh.write(out["row"] + "\n")
-                rows.append(parse_row(json.loads(out["row"]), pred_path, n))
+                row = parse_row(json.loads(out["row"]), pred_path, n)
+                rows.append(compact(row))
                 if out["timeline"]:
                     timelines.append(json.loads(out["timeline"]))
                 if n % 200 == 0:
@@ -389,6 +388,16 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
             tracking.finish(handle, status)
         if connected:
             ray.shutdown()
+
+
+def compact(row: Any) -> Any:
+    """The row with its predictions and windows as (n, 3) float64 arrays: what the metrics read, at a tenth of the
+    memory of nested lists (a MAD-size split holds 72k queries x 100 predictions x 100 windows)."""
+    from rgnet.eval.predictions import PredictionRow
+
+    preds = np.asarray(row.predictions, dtype=np.float64).reshape(-1, 3)
+    windows = None if row.windows is None else np.asarray(row.windows, dtype=np.float64).reshape(-1, 3)
+    return PredictionRow(row.query_id, row.video_id, preds, windows)  # type: ignore[arg-type]
 
 
 def _rows(ds: Any) -> Iterator[dict[str, str]]:

@@ -328,7 +328,7 @@ def fit_on_ray(
             resources_per_worker=resources,
             placement_strategy=cfg.ray.placement_strategy,
         ),
-        run_config=ray.train.RunConfig(  # type: ignore[call-arg]  # the stub is Train V1's RunConfig
+        run_config=ray.train.RunConfig(
             name=cfg.train.run_name,
             storage_path=cfg.ray.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),

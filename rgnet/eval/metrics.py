@@ -130,7 +130,7 @@ def evaluate(
     preds, valid = _pad([None if r is None else r.predictions for r in aligned], width)  # (B, K, 3), (B, K)
     iou = elementwise_iou(torch.from_numpy(preds[..., :2]), torch.from_numpy(gt_se[:, None, :])).numpy()  # (B, K)
     iou = np.where(valid, iou, 0.0)
-    num_without = sum(r is None or not r.predictions for r in aligned)
+    num_without = sum(r is None or len(r.predictions) == 0 for r in aligned)
 
     metrics: dict[str, float] = {}
     for m in iou_thresholds:
@@ -158,7 +158,7 @@ def evaluate(
         if not all(with_windows):
             warnings.append(f"{num_q - sum(with_windows)} of {num_q} queries have no ranked windows (retrieval misses)")
         win_lists = [None if r is None else r.windows for r in aligned]
-        video_stop = np.array([max((w[1] for w in ws), default=0.0) if ws else 0.0 for ws in win_lists])  # (B,)
+        video_stop = np.array([max((w[1] for w in ws), default=0.0) if ws is not None else 0.0 for ws in win_lists])
         wins, wvalid = _pad(win_lists, max(retrieval_ks))  # (B, Kr, 3)
         positive = (
             overlap_mask(wins[..., 0], wins[..., 1], gt_se[:, 0:1], gt_se[:, 1:2], video_stop[:, None]) & wvalid

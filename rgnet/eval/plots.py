@@ -383,7 +383,7 @@ def _retrieval_values(
             f"{len(missing)} of {len(rows)} rows have no ranked 'windows' (first: query {missing[0]!r}); "
             "retrieval recall needs the windows ranked by context score: predict with windows recorded"
         )
-    found = max(len(r.windows or ()) for r in rows)
+    found = max(0 if r.windows is None else len(r.windows) for r in rows)
     if max_windows is None:
         if found == 0:
             raise ValueError("every row's 'windows' is empty: there is no retrieval recall to plot")
