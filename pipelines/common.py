@@ -61,5 +61,10 @@ def run_guarded(fn: Any, *args: Any) -> int:
         return fail(str(e))
 
 
+def split_name(cfg: Config, name: str) -> str:
+    """``train``/``val``/``test`` -> the dataset's split name from the config; any other name as given."""
+    return {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}.get(name, name)
+
+
 def abspath(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))

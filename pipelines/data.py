@@ -219,8 +219,8 @@ class VideoPredictor:
         spec = WindowSpec.from_config(self.cfg, self.data.fps)
         rows_out: list[str] = []
         timelines: list[str] = []
-        for key, ids_json in zip(batch["video_key"], batch["query_ids"]):
-            records = [self.by_id[q] for q in json.loads(str(ids_json))]
+        for key, ids in zip(batch["video_key"], batch["query_ids"]):
+            records = [self.by_id[str(q)] for q in ids]
             item = video_item(self.data, spec, str(key), records)
             want = [i for i, r in enumerate(records) if r.query_id in self.timeline_ids]
             rows, scores = infer_video(self.model, item, self.cfg.eval, self.device, keep_sampling_scores=bool(want))
@@ -253,7 +253,7 @@ def build_eval_dataset(
     payload: dict[str, Any],
     overrides: list[str],
     split: str,
-    by_video: dict[str, list[str]],
+    videos: list[dict[str, Any]],
     *,
     actors: int,
     cpus: float,
@@ -262,15 +262,14 @@ def build_eval_dataset(
 ) -> ray.data.Dataset:
     """Prediction rows (``row``: a prediction JSON line; ``timeline``: plot data or "") for every query of ``split``.
 
-    One input row per video (``by_video``: video key -> query ids), one block each, so rows stream out video by
+    One input row per video (``videos``: :func:`video_table` rows), one block each, so rows stream out video by
     video; ``actors`` :class:`VideoPredictor` actors with ``cpus`` / ``gpus`` each hold the model (the checkpoint
     payload goes through the object store once) and the split's feature readers.
     """
     import ray
 
-    items = [{"video_key": k, "query_ids": json.dumps(v)} for k, v in by_video.items()]
-    videos = ray.data.from_items(items, override_num_blocks=len(items))
-    return videos.map_batches(
+    rows = ray.data.from_items(videos, override_num_blocks=len(videos))
+    return rows.map_batches(
         VideoPredictor,
         fn_constructor_kwargs={
             "payload_ref": [ray.put(payload)],

@@ -22,7 +22,7 @@ import logging
 import sys
 from typing import Any, get_args
 
-from pipelines.common import fail, run_guarded, setup_logging
+from pipelines.common import fail, run_guarded, setup_logging, split_name
 from rgnet.config import ConfigError, DataConfig, EvalConfig, Layout, Profile
 
 log = logging.getLogger("rgnet.evaluate")
@@ -252,9 +252,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     if new_cfg.model != cfg.model:
         raise ConfigError("--set cannot change model.* keys of a trained checkpoint")
     cfg = new_cfg
-    split = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}.get(
-        args.split, args.split
-    )
+    split = split_name(cfg, args.split)
     device = resolve_device(cfg.train.device)
     data = open_split(cfg.data, split)
     report, rows = evaluate_model(model.to(device), data, cfg, device, progress=cfg.train.progress)

@@ -30,11 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.common import SetupError, fail, setup_logging
+from pipelines.common import SetupError, fail, setup_logging, split_name
 from rgnet.config import Config, ConfigError, apply_overrides
 
 log = logging.getLogger("rgnet.predict")
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,28 +143,52 @@ def format_answer(answer: Any) -> str:
     return "\n".join(lines)
 
 
-def timeline_plot(answer: Any, out_dir: Path, top_k_windows: int, gt: tuple[float, float] | None = None) -> Path:
-    from rgnet.eval.plots import TIMELINE_PREDICTIONS, frame_score_curve, query_timeline
+def draw_timeline(
+    out_dir: Path,
+    name: str,
+    *,
+    fps: float,
+    bounds: np.ndarray,
+    frame_scores: np.ndarray | None,
+    top_k_windows: int,
+    **query: Any,
+) -> Path:
+    """``out_dir/timeline_<name>.png`` (:func:`rgnet.eval.plots.query_timeline`) from window bounds in frames and the
+    per-frame sampling scores; ``query`` holds duration_sec, context_logit, gt, predictions and query."""
+    from rgnet.eval.plots import TIMELINE_PREDICTIONS, query_timeline
+
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
+    times = None if frame_scores is None else (np.arange(len(frame_scores)) + 0.5) / fps
+    return query_timeline(
+        out_dir / f"timeline_{safe}.png",
+        window_bounds_sec=bounds / fps,
+        frame_times_sec=times,
+        frame_scores=frame_scores,
+        top_k_windows=top_k_windows,
+        top_n=TIMELINE_PREDICTIONS,
+        **query,
+    )
+
+
+def timeline_plot(answer: Any, out_dir: Path, top_k_windows: int) -> Path:
+    from rgnet.eval.plots import frame_score_curve
 
     frame_scores = None
-    times = None
     if answer.scores.sampling_score is not None:
         num_frames = int(answer.bounds[-1, 1])
         frame_scores = frame_score_curve(answer.bounds, answer.scores.sampling_score[0].numpy(), num_frames)
-        times = (np.arange(num_frames) + 0.5) / answer.fps
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in answer.video)[:80]
-    return query_timeline(
-        out_dir / f"timeline_{safe}.png",
-        duration_sec=answer.duration_sec,
-        window_bounds_sec=answer.bounds / answer.fps,
-        context_logit=answer.scores.context_logit[0].numpy(),
-        frame_times_sec=times,
+    return draw_timeline(
+        out_dir,
+        answer.video,
+        fps=answer.fps,
+        bounds=answer.bounds,
         frame_scores=frame_scores,
-        gt=gt,
-        predictions=answer.moments,
         top_k_windows=top_k_windows,
+        duration_sec=answer.duration_sec,
+        context_logit=answer.scores.context_logit[0].numpy(),
+        gt=None,
+        predictions=answer.moments,
         query=answer.query,
-        top_n=TIMELINE_PREDICTIONS,
     )
 
 
@@ -260,23 +283,18 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
     import ray
 
     from pipelines import tracking
-    from pipelines.data import build_eval_dataset
+    from pipelines.data import build_eval_dataset, video_table
     from pipelines.train import init_ray
     from rgnet.data.dataset import open_split
-    from rgnet.eval.metrics import evaluate, format_table
-    from rgnet.eval.plots import TIMELINE_PREDICTIONS, query_timeline, recall_vs_k, retrieval_vs_windows
+    from rgnet.eval.metrics import evaluate_with, format_table
+    from rgnet.eval.plots import recall_vs_k, retrieval_vs_windows
     from rgnet.eval.predictions import PredictionRow, parse_row
     from rgnet.io import atomic_open, atomic_write_json
 
-    split = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}.get(
-        args.split, args.split
-    )
+    split = split_name(cfg, args.split)
     data = open_split(cfg.data, split)  # fails here, before Ray starts, on a missing or malformed split
-    records = data.records
+    records, videos = data.records, video_table(data)
     data.close()
-    by_video: dict[str, list[str]] = {}
-    for r in records:
-        by_video.setdefault(r.video_key, []).append(r.query_id)
     out_dir = Path(args.out or f"predictions/{cfg.train.run_name}-{split}").resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     timeline_ids = [r.query_id for r in records[: max(0, args.timelines)]]
@@ -292,12 +310,12 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
     connected = init_ray(cfg)
     status = "FAILED"
     try:
-        actors, cpus, gpus = _actor_resources(args.concurrency, len(by_video))
+        actors, cpus, gpus = _actor_resources(args.concurrency, len(videos))
         ds = build_eval_dataset(
             payload,
             list(args.overrides),
             split,
-            by_video,
+            videos,
             actors=actors,
             cpus=cpus,
             gpus=gpus,
@@ -306,7 +324,7 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
         log.info(
             "predicting %d queries of %d videos on %d actor(s) (%s each)",
             len(records),
-            len(by_video),
+            len(videos),
             actors,
             "1 GPU" if gpus else f"{cpus:g} CPU",
         )
@@ -324,16 +342,7 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
                 if n % 200 == 0:
                     log.info("%d/%d queries", n, len(records))
         elapsed = time.perf_counter() - t0
-        report = evaluate(
-            rows,
-            records,
-            profile=cfg.eval.profile,
-            recall_ks=cfg.eval.recall_ks,
-            iou_thresholds=cfg.eval.iou_thresholds,
-            retrieval_ks=cfg.eval.retrieval_ks,
-            max_predictions=cfg.eval.max_predictions,
-            source=f"{split} predictions",
-        )
+        report = evaluate_with(rows, records, cfg.eval, f"{split} predictions")
         report.update({"split": split, "model": source, "seconds": round(elapsed, 2), "actors": actors})
         atomic_write_json(out_dir / "report.json", report)
         plots_dir = out_dir / "plots"
@@ -349,22 +358,19 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
             retrieval_vs_windows(plots_dir / "retrieval_vs_windows.png", rows, records),
         ]
         for t in timelines:
-            bounds = np.asarray(t["bounds"], dtype=np.int64)
-            scores = np.array([np.nan if v is None else v for v in t["frame_scores"]], dtype=np.float64)
-            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in t["query_id"])[:80]
             plots.append(
-                query_timeline(
-                    plots_dir / f"timeline_{safe}.png",
+                draw_timeline(
+                    plots_dir,
+                    t["query_id"],
+                    fps=t["fps"],
+                    bounds=np.asarray(t["bounds"], dtype=np.int64),
+                    frame_scores=np.array([np.nan if v is None else v for v in t["frame_scores"]], dtype=np.float64),
+                    top_k_windows=cfg.eval.top_k_windows,
                     duration_sec=t["duration_sec"],
-                    window_bounds_sec=bounds / t["fps"],
                     context_logit=np.asarray(t["context_logit"]),
-                    frame_times_sec=(np.arange(len(scores)) + 0.5) / t["fps"],
-                    frame_scores=scores,
                     gt=tuple(t["gt"]),
                     predictions=t["predictions"],
-                    top_k_windows=cfg.eval.top_k_windows,
                     query=t["query"],
-                    top_n=TIMELINE_PREDICTIONS,
                 )
             )
         print(format_table(report))
@@ -425,9 +431,8 @@ def _main(args: argparse.Namespace) -> int:
             predict_one(args, model, cfg)
         else:
             return fail("give --video FEATURES[:KEY] with --query/--query-features, or --split NAME")
-    except (SetupError, FileNotFoundError, TextEncoderUnavailable) as e:
-        return fail(str(e))
-    except ValueError as e:  # ConfigError, DataError, and bad arguments found by the library (empty query, ...)
+    # ValueError: ConfigError, DataError, and bad arguments found by the library (empty query, ...)
+    except (SetupError, FileNotFoundError, TextEncoderUnavailable, ValueError) as e:
         return fail(str(e))
     return 0
 

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduction-factor", type=int, default=2, help="ASHA: keep 1/N of trials at each rung")
     p.add_argument("--best-out", help="where the best config is written (default: <output_dir>/<name>/best.yaml)")
     p.add_argument(
-        "--smoke-test", action="store_true", help="tune_spaces/smoke.yaml, 4 trials (about 3.5 minutes on 2 cores)"
+        "--smoke-test", action="store_true", help="tune_spaces/smoke.yaml, 4 trials (about 3 minutes on 2 cores)"
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument(

@@ -20,7 +20,6 @@ import os
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -125,7 +124,3 @@ def encoded_text_file(name: str, pairs: Sequence[tuple[str, str]], path: str | o
 def cache_path(root: str | os.PathLike[str], name: str, split: str) -> Path:
     """Where a split's encoded sentences are cached: ``<data root>/text_cache/<encoder>_<split>.h5``."""
     return Path(root) / "text_cache" / f"{name}_{split}.h5"
-
-
-def describe(name: str) -> dict[str, Any]:
-    return {"text_encoder": name, "text_dim": TEXT_ENCODER_DIMS[name]}

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rgnet.config import EvalConfig
 from rgnet.data.records import DataError, QueryRecord
 from rgnet.data.windows import overlap_mask
 from rgnet.eval.predictions import PredictionRow
@@ -183,6 +184,22 @@ def evaluate(
         "metrics": metrics,
         "warnings": warnings,
     }
+
+
+def evaluate_with(
+    rows: Sequence[PredictionRow], records: Sequence[QueryRecord], cfg: EvalConfig, source: str = ""
+) -> dict[str, Any]:
+    """:func:`evaluate` with the profile, ks, thresholds and prediction cap of an ``eval`` config section."""
+    return evaluate(
+        rows,
+        records,
+        profile=cfg.profile,
+        recall_ks=cfg.recall_ks,
+        iou_thresholds=cfg.iou_thresholds,
+        retrieval_ks=cfg.retrieval_ks,
+        max_predictions=cfg.max_predictions,
+        source=source,
+    )
 
 
 def _used(report: dict[str, Any]) -> int:

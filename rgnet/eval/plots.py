@@ -62,6 +62,19 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
+def _finish_k_axes(ax: Axes, max_k: int, xlabel: str, ylabel: str, title: str) -> None:
+    """Shared dressing of the recall-vs-K plots: log K axis from 1 to ``max_k``, 0-100 % y axis, labels, legend."""
+    if max_k > 1:
+        _plain_log_ticks(ax, max_k)
+        ax.set_xlim(1, max_k)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+
+
 def _plain_log_ticks(ax: Axes, max_k: int) -> None:
     """Log-scaled x axis from 1 to ``max_k`` with ticks at 1, 2, 5, 10, 20, 50, ... written as plain numbers."""
     ax.set_xscale("log")
@@ -360,15 +373,8 @@ def recall_vs_k(
             ax.plot(ks, values, marker="o" if max_k <= 20 else None, ms=3, label=rule)
         if used < max_k:
             ax.axvline(max(used, 1), color="gray", ls=":", label=f"{used} predictions per query (most any row holds)")
-        if max_k > 1:
-            _plain_log_ticks(ax, max_k)
-            ax.set_xlim(1, max_k)
-        ax.set_ylim(0, 100)
-        ax.set_xlabel("K (predictions per query)")
-        ax.set_ylabel("Recall@K (%)")
-        ax.set_title(f"grounding recall, profile {profile}, {report['num_queries']} queries", fontsize=10)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        title = f"grounding recall, profile {profile}, {report['num_queries']} queries"
+        _finish_k_axes(ax, max_k, "K (predictions per query)", "Recall@K (%)", title)
         return _save(fig, path)
 
 
@@ -426,15 +432,9 @@ def retrieval_vs_windows(
         ax.plot(ks, values, color="tab:blue", marker="o" if len(ks) <= 20 else None, ms=3, label="positive window kept")
         if found < len(ks):
             ax.axvline(max(found, 1), color="gray", ls=":", label=f"{found} windows (most any row holds)")
-        if len(ks) > 1:
-            _plain_log_ticks(ax, len(ks))
-            ax.set_xlim(1, len(ks))
-        ax.set_ylim(0, 100)
-        ax.set_xlabel("K (windows kept per query, ranked by context score)")
-        ax.set_ylabel("retrieval Recall@K (%)")
-        ax.set_title(f"window retrieval, {report['num_queries']} queries", fontsize=10)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        xlabel = "K (windows kept per query, ranked by context score)"
+        title = f"window retrieval, {report['num_queries']} queries"
+        _finish_k_axes(ax, len(ks), xlabel, "retrieval Recall@K (%)", title)
         return _save(fig, path)
 
 

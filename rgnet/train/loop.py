@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from rgnet.config import Config, OptimConfig
 from rgnet.data.dataset import SplitData
 from rgnet.eval.inference import predict_split
-from rgnet.eval.metrics import evaluate
+from rgnet.eval.metrics import evaluate_with
 from rgnet.eval.predictions import PredictionRow
 from rgnet.model import Criterion
 
@@ -193,17 +193,7 @@ def evaluate_model(
     was_training = bare.training
     rows = list(predict_split(bare, data, cfg, device, progress=progress))  # type: ignore[arg-type]
     bare.train(was_training)
-    report = evaluate(
-        rows,
-        data.records,
-        profile=cfg.eval.profile,
-        recall_ks=cfg.eval.recall_ks,
-        iou_thresholds=cfg.eval.iou_thresholds,
-        retrieval_ks=cfg.eval.retrieval_ks,
-        max_predictions=cfg.eval.max_predictions,
-        source=f"{data.split} predictions",
-    )
-    return report, rows
+    return evaluate_with(rows, data.records, cfg.eval, f"{data.split} predictions"), rows
 
 
 def fit(
