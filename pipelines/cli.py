@@ -14,6 +14,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("pipelines.prepare", "generate the synthetic dataset (any layout) or check a dataset on disk"),
     "train": ("pipelines.train", "train RGNet (distributed on Ray by default; --local for one process)"),
     "tune": ("pipelines.tune", "sweep a search space (tune_spaces/*.yaml) with Ray Tune + Optuna + ASHA"),
+    "ablate": (
+        "pipelines.ablate",
+        "the ablation table: every variant of a space file trained locally, val/test metrics vs the untrained model",
+    ),
     "evaluate": ("pipelines.evaluate", "metrics for a prediction file, or for a checkpoint on a split"),
     "predict": (
         "pipelines.predict",

@@ -485,3 +485,30 @@ def epoch_curves(history: list[dict[str, Any]], out_dir: str | Path, selection_m
             ax.legend(fontsize=7, ncol=2)
             written.append(_save(fig, out_dir / name))
     return written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Comparing runs
+# ---------------------------------------------------------------------------------------------------------------
+def variant_bars(path: str | Path, values: dict[str, dict[str, float]], metrics: Sequence[str], *, title: str) -> Path:
+    """Grouped bars, one group per variant (in the given order) and one bar per metric, as a ``CURVE_SIZE_PX`` PNG.
+
+    ``values[variant][metric]`` in percent; a metric a variant lacks is drawn as a gap, not as 0.
+    """
+    if not values or not metrics:
+        raise ValueError("variant_bars needs at least one variant and one metric")
+    names = list(values)
+    x = np.arange(len(names), dtype=float)
+    width = 0.8 / len(metrics)
+    with _figure(CURVE_SIZE_PX) as (fig, ax):
+        for i, metric in enumerate(metrics):
+            heights = [values[n].get(metric, np.nan) for n in names]
+            bars = ax.bar(x + (i - (len(metrics) - 1) / 2) * width, heights, width, label=metric)
+            ax.bar_label(bars, fmt="%.0f", fontsize=6, padding=1)
+        ax.set_xticks(x, names, rotation=25, ha="right", fontsize=8)
+        ax.set_ylabel("metric (%)")
+        ax.set_ylim(0, 105)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+        return _save(fig, path)

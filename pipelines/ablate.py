@@ -1,0 +1,239 @@
+"""``rgnet ablate`` / ``python -m pipelines.ablate``: the ablation table (paper Tab. 3-4) from local training runs.
+
+Every variant of a space file with ``variants`` (default ``tune_spaces/ablations.yaml``: RGNet, each ablation and the
+disjoint baseline) is trained with ``rgnet train --local`` in a child process, from the same base config, and its best
+checkpoint (by ``train.selection_metric`` on val) is evaluated on val and test.  A row for the *untrained* RGNet
+(the full model at its seeded initialisation, no step taken) comes first, so the table shows what training bought.
+
+Output, in ``<train.output_dir>/<name>/``: one run folder per variant (what ``rgnet train --local`` writes, its log in
+``<variant>.log``), ``ablation.json`` (every metric of every row, val and test, wall time), ``ablation.md`` (the table
+the README quotes) and ``ablation.png`` (bars of the headline test metrics).
+
+Re-running the same command resumes: a variant whose run already holds a test report for the same config is not
+trained again, and an interrupted one continues from its last checkpoint.  ``--fresh`` starts over.  ``--parallel N``
+runs N variants at once with 1/N of the CPU threads each (on 2 cores, 2 one-thread runs finish the grid about 1.6x
+sooner than one two-thread run at a time: the training step does not scale to the second thread).
+
+This is the local, file-based twin of ``rgnet tune --space ablations`` (Ray Tune grid, MLflow parent/child runs,
+validation metrics only); use that on a cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipelines.common import run_guarded, setup_logging
+from rgnet.config import Config, ConfigError, apply_overrides, load_config, to_yaml
+from rgnet.io import atomic_write_json, atomic_write_text
+from rgnet.search_space import VARIANT_KEY, SearchSpace, load_space, trial_overrides
+
+log = logging.getLogger("rgnet.ablate")
+
+UNTRAINED = "untrained"  # the row of the full model at initialisation
+TABLE_METRICS = ("retrieval_R1", "retrieval_R5", "R1@0.3", "R1@0.5", "R5@0.3", "mIoU")
+PLOT_METRICS = ("retrieval_R1", "R1@0.3", "R1@0.5")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rgnet ablate",
+        description="Train every variant of a space file locally (RGNet, ablations, disjoint baseline) and tabulate "
+        "val and test metrics next to the untrained model.",
+    )
+    p.add_argument("--space", default="ablations", help="space file with variants, or a tune_spaces/ name")
+    p.add_argument("--preset", help="start from this preset instead of the space file's (e.g. tiny for a smoke run)")
+    p.add_argument("--variants", help="comma-separated subset of the space's variants (default: all, in file order)")
+    p.add_argument("--name", help="output folder under train.output_dir (default: the space file's name)")
+    p.add_argument("--parallel", type=int, default=1, help="variants trained at once (default: %(default)s)")
+    p.add_argument("--fresh", action="store_true", help="delete earlier runs of this table and start over")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides on top of the space's base config"
+    )
+    return p
+
+
+def variant_config(space: SearchSpace, overrides: list[str], variant: str, out_dir: Path) -> Config:
+    """The variant's whole config: the space's base config <- caller's overrides <- the variant's bundle."""
+    cfg = space.base_config(overrides)
+    extra = [f"train.output_dir={out_dir}", f"train.run_name={variant}", "train.progress=false"]
+    return apply_overrides(cfg, [*trial_overrides(space, {VARIANT_KEY: variant}), *extra])
+
+
+def untrained_reports(cfg: Config) -> dict[str, Any]:
+    """Val and test reports of the full model at its seeded initialisation (no training step)."""
+    from pipelines.common import split_name
+    from rgnet.data.dataset import open_split
+    from rgnet.model import build_model
+    from rgnet.train.loop import evaluate_model, resolve_device, seed_everything
+
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim).to(device)
+    out = {}
+    for name in ("val", "test"):
+        report, _ = evaluate_model(model, open_split(cfg.data, split_name(cfg, name)), cfg, device)
+        out[name] = report
+    return out
+
+
+def _same_config(run_dir: Path, cfg: Config) -> bool:
+    saved = run_dir / "config.yaml"
+    return saved.exists() and load_config(config_file=saved) == cfg
+
+
+def run_variants(configs: dict[str, Config], out_dir: Path, parallel: int, fresh: bool) -> dict[str, dict[str, Any]]:
+    """Train each variant in a child ``rgnet train --local`` (``parallel`` at a time); returns per-variant results."""
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    results: dict[str, dict[str, Any]] = {}
+    pending = []
+    for variant, cfg in configs.items():
+        run_dir = out_dir / variant
+        if run_dir.exists() and not fresh and not _same_config(run_dir, cfg):
+            raise ConfigError(
+                f"{run_dir} holds a run with another config; use --fresh to replace it or --name for a new table"
+            )
+        if fresh and run_dir.exists():
+            shutil.rmtree(run_dir)
+        if (run_dir / "report_test.json").exists():
+            log.info("%s: already trained (%s), not run again", variant, run_dir)
+            results[variant] = {"seconds": None}
+            continue
+        pending.append(variant)
+    running: dict[str, tuple[subprocess.Popen[bytes], float, Any]] = {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                variant = pending.pop(0)
+                cfg_file = out_dir / f"{variant}.yaml"
+                atomic_write_text(cfg_file, to_yaml(configs[variant]))
+                log_file = open(out_dir / f"{variant}.log", "ab")  # noqa: SIM115  (closed when the child ends)
+                cmd = [sys.executable, "-m", "pipelines.train", "--local", "--config", str(cfg_file)]
+                log.info("%s: training (%d threads), log %s", variant, threads, log_file.name)
+                child = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+                running[variant] = (child, time.perf_counter(), log_file)
+            time.sleep(1.0)
+            for variant, (child, t0, log_file) in list(running.items()):
+                code = child.poll()
+                if code is None:
+                    continue
+                log_file.close()
+                del running[variant]
+                seconds = time.perf_counter() - t0
+                if code != 0:
+                    raise RuntimeError(f"variant {variant} failed (exit {code}); see {out_dir / (variant + '.log')}")
+                results[variant] = {"seconds": seconds}
+                log.info("%s: done in %.1f min", variant, seconds / 60)
+    finally:
+        for child, _, log_file in running.values():  # interrupted: stop the children (they resume next time)
+            child.terminate()
+            child.wait()
+            log_file.close()
+    return results
+
+
+def collect(
+    order: list[str], out_dir: Path, timings: dict[str, dict[str, Any]], untrained: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Every row's val and test metrics from the run folders (and the untrained model's reports)."""
+    rows = []
+    if untrained is not None:
+        rows.append({"variant": UNTRAINED, "val": untrained["val"]["metrics"], "test": untrained["test"]["metrics"]})
+    for variant in order:
+        run_dir = out_dir / variant
+        row: dict[str, Any] = {"variant": variant, "seconds": timings.get(variant, {}).get("seconds")}
+        for split in ("val", "test"):
+            report = json.loads((run_dir / f"report_{split}.json").read_text())
+            row[split] = report["metrics"]
+        history = json.loads((run_dir / "history.json").read_text())
+        row["epochs"] = len(history)
+        row["train_seconds"] = sum(float(h.get("seconds", 0.0)) for h in history)
+        rows.append(row)
+    return {"rows": rows}
+
+
+def markdown_table(table: dict[str, Any], changes: dict[str, str]) -> str:
+    """The README table: test metrics of each row, then val retrieval R@1 and R1@0.3."""
+    head = ["variant", "what it changes", *(f"test {m}" for m in TABLE_METRICS), "val retrieval_R1", "val R1@0.3"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in table["rows"]:
+        test, val = row["test"], row["val"]
+        cells = [row["variant"], changes.get(row["variant"], "")]
+        cells += [f"{test[m]:.1f}" if m in test else "" for m in TABLE_METRICS]
+        cells += [f"{val.get('retrieval_R1', float('nan')):.1f}", f"{val.get('R1@0.3', float('nan')):.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _describe(bundle: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in bundle.items()) or "(none: RGNet as configured)"
+
+
+def _main(args: argparse.Namespace) -> int:
+    from pipelines.train import prepare_data
+    from pipelines.tune import resolve_space_path
+    from rgnet.eval.plots import variant_bars
+
+    space = load_space(resolve_space_path(args.space))
+    if args.preset:
+        space = dataclasses.replace(space, preset=args.preset)
+    if not space.variants:
+        raise ConfigError(f"{space.path} has no variants: rgnet ablate tabulates a space file's variants")
+    order = list(space.variants)
+    if args.variants:
+        wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = [v for v in wanted if v not in space.variants]
+        if unknown:
+            raise ConfigError(f"unknown variant(s) {', '.join(unknown)} (the space has {', '.join(order)})")
+        order = wanted
+    if args.parallel < 1:
+        raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
+    base = space.base_config(list(args.overrides))
+    out_dir = Path(base.train.output_dir).resolve() / (args.name or space.path.stem)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    configs = {v: variant_config(space, list(args.overrides), v, out_dir) for v in order}
+    prepare_data(base)  # once, before the children start (they would otherwise race to generate it)
+    t0 = time.perf_counter()
+    timings = run_variants(configs, out_dir, args.parallel, args.fresh)
+    full = configs.get("full") or base
+    untrained = untrained_reports(full)
+    table = collect(order, out_dir, timings, untrained)
+    table.update(
+        space=str(space.path),
+        overrides=list(args.overrides),
+        changes={v: space.variants[v] for v in order},
+        wall_seconds=time.perf_counter() - t0,
+        parallel=args.parallel,
+    )
+    atomic_write_json(out_dir / "ablation.json", table)
+    changes = {v: _describe(space.variants[v]) for v in order}
+    changes[UNTRAINED] = "the full model at its seeded initialisation, no training"
+    text = markdown_table(table, changes)
+    atomic_write_text(out_dir / "ablation.md", text)
+    values = {row["variant"]: {m: row["test"][m] for m in PLOT_METRICS if m in row["test"]} for row in table["rows"]}
+    variant_bars(out_dir / "ablation.png", values, PLOT_METRICS, title=f"test split, {space.path.stem}")
+    print(text)
+    print(f"table: {out_dir / 'ablation.md'}  plot: {out_dir / 'ablation.png'}")
+    print(f"every metric of every row: {out_dir / 'ablation.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return run_guarded(_main, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
