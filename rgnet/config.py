@@ -54,10 +54,11 @@ class SyntheticConfig:
     moment_max_sec: float = 30.0
     video_dim: int = 256  # EgoVLP video features are 256-d
     text_dim: int = 512  # CLIP B/32 token features are 512-d
-    # The world below is the embedded default's: RGNet learns it from scratch in about 7 minutes on 2 CPU cores (the
+    # The world below is the embedded default's: RGNet learns it from scratch in about 5 minutes on 2 CPU cores (the
     # README's learning table). A harder world (latent 64, 64 concepts, 6-14 tokens, plant 1, scene/style 0.3, noise
-    # 0.6/0.5, alignment 0.35, 2 distractors; what the tiny and synthetic-mad presets pin) stays at chance in that
-    # budget: a cross-encoder learning the text-to-video map from random initialisation needs far more steps.
+    # 0.6/0.5, alignment 0.35, 2 distractors: synthetic-mad pins all of it, tiny its scales, noise, plant and
+    # alignment) stays at chance in that budget: a cross-encoder learning the text-to-video map from random
+    # initialisation needs far more steps.
     latent_dim: int = 16  # dimension of the shared concept space both towers project from
     num_concepts: int = 16  # vocabulary of plantable concepts
     query_min_tokens: int = 2
@@ -129,7 +130,7 @@ class ModelConfig:
     """RGNet sizes and the component choices that the paper's ablations swap."""
 
     # The defaults are the embedded default: a reduced RGNet that trains on the synthetic Ego4D-like data in about
-    # 10 minutes on 2 CPU cores. The paper's sizes (D 256, 8 heads, FFN 2048, 6 decoder layers) are in the mad and
+    # 5 minutes on 2 CPU cores. The paper's sizes (D 256, 8 heads, FFN 2048, 6 decoder layers) are in the mad and
     # ego4d presets.
     hidden_dim: int = 128  # D (paper: 256)
     num_heads: int = 4  # paper: 8
