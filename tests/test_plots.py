@@ -22,6 +22,7 @@ from rgnet.eval.plots import (
     recall_vs_k,
     retrieval_curve,
     retrieval_vs_windows,
+    variant_bars,
 )
 from rgnet.eval.predictions import PredictionRow
 
@@ -282,3 +283,12 @@ def test_epoch_curves_writes_loss_and_val(tmp_path: Path) -> None:
 def test_epoch_curves_skips_empty_groups(tmp_path: Path) -> None:
     assert epoch_curves([], tmp_path, "R1@0.3") == []
     assert epoch_curves([{"epoch": 0, "train/loss": 1.0}], tmp_path, "R1@0.3") == [tmp_path / "loss.png"]
+
+
+def test_variant_bars_size_and_errors(tmp_path) -> None:
+    values = {"untrained": {"retrieval_R1": 10.8, "R1@0.3": 0.0}, "full": {"retrieval_R1": 90.0}}  # a gap, not 0
+    path = variant_bars(tmp_path / "bars.png", values, ["retrieval_R1", "R1@0.3"], title="t")
+    assert png_size(path) == CURVE_SIZE_PX
+    with pytest.raises(ValueError, match="at least one variant and one metric"):
+        variant_bars(tmp_path / "none.png", {}, ["retrieval_R1"], title="t")
+    assert not (tmp_path / "none.png").exists()
