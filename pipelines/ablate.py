@@ -94,10 +94,11 @@ def _same_config(run_dir: Path, cfg: Config) -> bool:
     return saved.exists() and load_config(config_file=saved) == cfg
 
 
-def run_variants(configs: dict[str, Config], out_dir: Path, parallel: int, fresh: bool) -> dict[str, dict[str, Any]]:
-    """Train each variant in a child ``rgnet train --local`` (``parallel`` at a time); returns per-variant results."""
+def run_variants(configs: dict[str, Config], out_dir: Path, parallel: int, fresh: bool) -> dict[str, float]:
+    """Train each variant in a child ``rgnet train --local`` (``parallel`` at a time); returns the wall seconds of
+    each variant trained now (a variant trained by an earlier call has no entry)."""
     threads = max(1, (os.cpu_count() or 1) // parallel)
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, float] = {}
     pending = []
     for variant, cfg in configs.items():
         run_dir = out_dir / variant
@@ -109,7 +110,6 @@ def run_variants(configs: dict[str, Config], out_dir: Path, parallel: int, fresh
             shutil.rmtree(run_dir)
         if (run_dir / "report_test.json").exists():
             log.info("%s: already trained (%s), not run again", variant, run_dir)
-            results[variant] = {"seconds": None}
             continue
         pending.append(variant)
     running: dict[str, tuple[subprocess.Popen[bytes], float, Any]] = {}
@@ -135,7 +135,7 @@ def run_variants(configs: dict[str, Config], out_dir: Path, parallel: int, fresh
                 seconds = time.perf_counter() - t0
                 if code != 0:
                     raise RuntimeError(f"variant {variant} failed (exit {code}); see {out_dir / (variant + '.log')}")
-                results[variant] = {"seconds": seconds}
+                results[variant] = seconds
                 log.info("%s: done in %.1f min", variant, seconds / 60)
     finally:
         for child, _, log_file in running.values():  # interrupted: stop the children (they resume next time)
@@ -145,16 +145,12 @@ def run_variants(configs: dict[str, Config], out_dir: Path, parallel: int, fresh
     return results
 
 
-def collect(
-    order: list[str], out_dir: Path, timings: dict[str, dict[str, Any]], untrained: dict[str, Any] | None
-) -> dict[str, Any]:
-    """Every row's val and test metrics from the run folders (and the untrained model's reports)."""
-    rows = []
-    if untrained is not None:
-        rows.append({"variant": UNTRAINED, "val": untrained["val"]["metrics"], "test": untrained["test"]["metrics"]})
+def collect(order: list[str], out_dir: Path, timings: dict[str, float], untrained: dict[str, Any]) -> dict[str, Any]:
+    """The untrained model's row, then every variant's val and test metrics from its run folder."""
+    rows = [{"variant": UNTRAINED, "val": untrained["val"]["metrics"], "test": untrained["test"]["metrics"]}]
     for variant in order:
         run_dir = out_dir / variant
-        row: dict[str, Any] = {"variant": variant, "seconds": timings.get(variant, {}).get("seconds")}
+        row: dict[str, Any] = {"variant": variant, "seconds": timings.get(variant)}
         for split in ("val", "test"):
             report = json.loads((run_dir / f"report_{split}.json").read_text())
             row[split] = report["metrics"]
