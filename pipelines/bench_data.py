@@ -1,13 +1,14 @@
-"""``rgnet bench --data``: the Ray Data training pipeline against reading the same windows in one process.
+"""``rgnet bench --data``: the Ray Data training pipeline against reading the same global batches in one process.
 
-1. Throughput: one consumer (as one Ray Train worker) iterates an epoch of training batches from the Ray Data
-   pipeline (``pipelines.data``: map tasks read each video once and emit candidate rows; the consumer draws the
-   epoch's items and collates), timed after a warm-up epoch (the first epoch also starts the map workers); the
-   baseline is the local loader (``rgnet.data.samples.TrainBatches``), which reads every query's positive windows
-   straight from HDF5 in this process.  Same batches (size, count, (seed, epoch, query) draws); the ratio is printed.
+1. Throughput: one consumer (as one Ray Train worker holding a whole global batch) iterates epochs of training steps
+   from the Ray Data pipeline (``pipelines.data.WorkerSteps``: map tasks read each step's drawn windows, texts and
+   negatives and collate them; rows arrive in step order, read ahead while the consumer works), timed after a
+   warm-up epoch (the first epoch also starts the map worker processes); the baseline is the local loader
+   (``rgnet.data.samples.TrainBatches``), which reads the same steps straight from HDF5 in this process.  Same
+   batches (the same seeded plan, bit for bit); the ratio Ray / one process is printed.
 2. Memory: Ray Data runs under an object-store budget (``--budget-mib``, set as the execution's
-   ``resource_limits``); the candidate rows of an epoch add up to at least 4x that budget.  A sampler thread
-   records the peak RSS (VmHWM) of every Ray worker process of this Ray and the object store in use.
+   ``resource_limits``); the rows of an epoch add up to several times that budget.  A sampler thread records the
+   peak RSS (VmHWM) of every Ray worker process of this Ray and the object store in use.
 
 Numbers are printed and written as JSON.  Runs on the embedded default's synthetic dataset unless ``--preset``.
 """
@@ -126,11 +127,11 @@ def _timed_epochs(batches_of_epoch: Any, epochs: list[int]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
     import ray
     import ray.data
+    import torch
 
-    from pipelines.data import build_train_dataset, epoch_batches, steps_per_epoch
+    from pipelines.data import WorkerSteps
     from pipelines.train import prepare_data, resolve_paths
     from rgnet.config import load_config
     from rgnet.data.dataset import open_split
@@ -138,16 +139,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = resolve_paths(load_config(args.preset, None, ["ray.data_workers=2", *args.overrides]))
     prepare_data(cfg)
+    torch.set_num_threads(1)  # the consumer and the baseline: one thread each (collation is the only torch work)
     data = open_split(cfg.data, cfg.data.train_split)
-    steps = steps_per_epoch(len(data.records), 1, cfg)
-    epochs = list(range(1, 1 + args.epochs))
-    print(f"dataset {cfg.data.root}: {len(data.records)} train queries, {steps} batches of {cfg.train.batch_size} "
-          f"per epoch", flush=True)  # fmt: skip
-
-    # Baseline: the local loader in this process (HDF5 hyperslab reads of each query's windows).
     local = TrainBatches(data, cfg)
+    steps = local.num_batches()
+    epochs = list(range(1, 1 + args.epochs))
+    print(f"dataset {cfg.data.root}: {len(data.records)} train queries, {steps} global batches of "
+          f"{cfg.train.batch_size} per epoch", flush=True)  # fmt: skip
+
+    # Baseline: the local loader in this process (HDF5 hyperslab reads of each step's drawn windows).
     _timed_epochs(local.epoch, [0])  # warm-up: page cache and imports, as the Ray side gets
     base = _timed_epochs(local.epoch, epochs)
+    epoch_bytes = sum(sum(t.numel() * t.element_size() for t in b.values()) for b in local.epoch(0))
     print(f"  one process, straight from HDF5: {base['queries_per_s']:.1f} queries/s", flush=True)
 
     budget = int(args.budget_mib * 2**20)
@@ -156,40 +159,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.execution_options.resource_limits = ray.data.ExecutionResources(object_store_memory=budget)
-        ds = build_train_dataset(cfg, data)
-        # the size of an epoch's candidate rows, as the map tasks emit them
-        row_bytes = 0
-        for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
-            row_bytes += sum(sum(np.asarray(x).nbytes for x in col) for col in batch.values())
         node = ray._private.worker._global_node  # this process started the local Ray: its raylet is ours
         assert node is not None
         raylet = node.all_processes["raylet"][0].process.pid
-        shard = ds.iterator()
-        with WorkerMemory(raylet) as memory:
-            warm = _timed_epochs(lambda e: epoch_batches(shard, cfg, e, steps), [0])
-            timed = _timed_epochs(lambda e: epoch_batches(shard, cfg, e, steps), epochs)
+
+        stream = WorkerSteps(cfg, cfg.data.train_split, 0, 1 + args.epochs, 0, 1, steps)  # one dataset, all epochs
+        with stream, WorkerMemory(raylet) as memory:
+            warm = _timed_epochs(stream.epoch, [0])
+            timed = _timed_epochs(stream.epoch, epochs)
         mem = memory.summary()
     finally:
         ray.shutdown()
     ratio = timed["queries_per_s"] / base["queries_per_s"]
-    print(f"  Ray Data (2 map tasks x {cfg.ray.data_cpus:g} CPU, 1 consumer): {timed['queries_per_s']:.1f} queries/s "
-          f"(first epoch, starting the map workers: {warm['queries_per_s']:.1f}); ratio Ray / one process = "
-          f"{ratio:.2f}", flush=True)  # fmt: skip
-    print(f"  memory: an epoch's candidate rows = {row_bytes / 2**20:.1f} MiB = {row_bytes / budget:.1f}x the Ray "
-          f"Data budget of {args.budget_mib:g} MiB; peak object store in use {mem['peak_object_store_used_mib']:.1f} "
-          f"MiB; peak worker RSS {mem['peak_worker_rss_mib']:.0f} MiB ({mem['peak_worker']}, "
-          f"{mem['worker_processes']} worker processes)", flush=True)  # fmt: skip
+    print(f"  Ray Data ({cfg.ray.data_workers} map tasks x {cfg.ray.data_cpus:g} CPU, 1 consumer): "
+          f"{timed['queries_per_s']:.1f} queries/s (first epoch, starting the map workers: "
+          f"{warm['queries_per_s']:.1f}); ratio Ray / one process = {ratio:.2f}", flush=True)  # fmt: skip
+    print(f"  memory: an epoch's batches = {epoch_bytes / 2**20:.1f} MiB = {epoch_bytes / budget:.1f}x the Ray Data "
+          f"budget of {args.budget_mib:g} MiB; peak object store in use {mem['peak_object_store_used_mib']:.1f} MiB; "
+          f"peak worker RSS {mem['peak_worker_rss_mib']:.0f} MiB ({mem['peak_worker']}, {mem['worker_processes']} "
+          f"worker processes)", flush=True)  # fmt: skip
     return {
-        "machine": {"cpus": os.cpu_count()},
+        "machine": {"cpus": os.cpu_count(), "torch_threads": 1},
         "dataset": {
             "root": cfg.data.root,
             "train_queries": len(data.records),
             "batch_size": cfg.train.batch_size,
             "batches_per_epoch": steps,
-            "epoch_candidate_mib": row_bytes / 2**20,
+            "epoch_batches_mib": epoch_bytes / 2**20,
         },
         "budget_mib": args.budget_mib,
-        "dataset_to_budget": row_bytes / budget,
+        "dataset_to_budget": epoch_bytes / budget,
         "one_process_hdf5": base,
         "ray_data_first_epoch": warm,
         "ray_data": timed,

@@ -1,57 +1,43 @@
-"""Ray Data: annotation table + feature files -> the training batches of every Ray Train worker, and the
-evaluation stream of batch inference (:func:`build_eval_dataset`: one video with all its windows and queries per row,
-predicted by actors that hold the model).
+"""Ray Data: the training steps of every Ray Train worker, and the evaluation stream of batch inference
+(:func:`build_eval_dataset`: one video with all its windows and queries per row, predicted by actors that hold the
+model).
 
-Work is sharded by video: the dataset starts as one row per video (its key and the ids of its queries); a map
-stage (:func:`read_video`, backed by :class:`VideoCandidates`, a callable class that opens the split lazily and
-keeps the HDF5 handles as its state, built once per Ray worker process and cached there) reads each video's
-features once per epoch and emits one row per query with
-the query's positive windows, clipped GT, in-moment frame ranges, text tokens and (for same-video negatives) its
-negative window (``rgnet.data.samples.train_candidates``).  Execution is streaming: nothing is materialised, so
-memory stays bounded by the blocks in flight whatever the dataset size (``pipelines.bench --data`` measures it).
+**Training: each worker receives exactly its part of each global step.**  The epoch's global batches are a seeded
+function of (seed, epoch) (``rgnet.data.samples.epoch_plan``), shared with ``rgnet train --local``.  Each worker
+builds one streaming dataset of its own for the rest of its run (:class:`WorkerSteps`): one row per (epoch, global
+step), mapped by Ray Data tasks (at most ``ray.data_workers`` at a time, ``ray.data_cpus`` CPUs each, on any node)
+that read the worker's B/N queries of that step: each query's drawn positive window (one HDF5 hyperslab), its text,
+hinge frames, negative window and stream keys (``rgnet.data.samples.read_shard``), collated into arrays.  Rows come
+back in (epoch, step) order (``preserve_order``), several steps per task (:func:`steps_per_block`, bounded in bytes)
+and read ahead while the worker computes or validates; nothing is materialised, so memory is bounded by the blocks in
+flight.  The other workers' positive windows of a step arrive inside the step, by ``all_gather``
+(``rgnet.train.loop.train_step``).  A restarted worker group builds its dataset from the epoch it resumes at.
 
-Train workers read their shard with ``ray.train.get_dataset_shard("train")`` and call :func:`epoch_batches` every
-epoch; its collate function draws each query's positive window and hinge frames with
-``item_rng(seed, epoch, query_id)``, exactly as the local loader does, so the samples do not depend on how the
-rows were sharded or ordered.
+Why not one dataset split across workers: a split assigns rows to workers dynamically, so it cannot route "rank r's
+part of step t" to rank r; and reading each video once per epoch (the previous design) means holding a video's
+windows until its queries' batches come up, or giving up random batches across videos.  Per-step reads of the drawn
+windows are the local loader's reads, in bounded memory.  The map tasks keep the split's HDF5 handles per process
+(:func:`read_step`).
 
-Glossary: n positive windows of a query, W frames per window, Dv / Dt video / text widths, L query tokens.
+Glossary: B global batch, N workers, B_r = B / N, Lv frames per window, Dv / Dt video / text widths, Lq words.
 """
 
 from __future__ import annotations
 
 import json
-import zlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from ray.data.collate_fn import NumpyBatchCollateFn
+import torch
 from torch import Tensor
 
 from rgnet.config import Config, from_dict, to_dict
 from rgnet.data.dataset import SplitData, open_split
-from rgnet.data.samples import WindowSpec, collate_train, item_rng, sample_train_item, train_candidates
+from rgnet.data.samples import WindowSpec, epoch_plan, read_shard
 
 if TYPE_CHECKING:
     import ray.data
-
-# Columns of a candidate row besides ``query_id``; the variable-shaped ones (windows (n, W, Dv), text (L, Dt) and
-# the per-window vectors (n,)) travel as Ray's variable-shaped tensor columns.  neg_video / neg_len exist only with
-# same-video negatives, sentence only when the dataset has sentence features.
-CANDIDATE_COLUMNS = (
-    "windows",
-    "window_len",
-    "spans_cw",
-    "weight",
-    "in_lo",
-    "in_hi",
-    "text",
-    "neg_video",
-    "neg_len",
-    "sentence",
-)
-MAX_VIDEO_BLOCKS = 256  # one block (= one map task input) per video up to this many; block order is shuffled
 
 
 def video_table(data: SplitData) -> list[dict[str, Any]]:
@@ -62,125 +48,128 @@ def video_table(data: SplitData) -> list[dict[str, Any]]:
     return [{"video_key": k, "query_ids": v} for k, v in by_video.items()]
 
 
-class VideoCandidates:
-    """Ray Data map: one video row -> one candidate row per query of the video.
-
-    Constructed once per Ray worker process (an actor of the map stage): the split is opened here, with its
-    metadata checks, and the feature stores open their files on first read.  ``cfg`` is the resolved config as a
-    plain dict (what travels to Ray processes).
-    """
+class StepReader:
+    """What a map task needs to read steps of one split: the open split (HDF5 handles opened on first read), the
+    window geometry and the last epoch's plan.  Built once per Ray worker process and cached (:func:`read_step`)."""
 
     def __init__(self, cfg: dict[str, Any], split: str) -> None:
         self.cfg = from_dict(cfg)
         self.data = open_split(self.cfg.data, split)
         self.spec = WindowSpec.from_config(self.cfg, self.data.fps)
-        self.records = {r.query_id: r for r in self.data.records}
-        self.need_negative = self.cfg.loss.negatives in ("same_video", "both")
+        self._plan: tuple[int, np.ndarray] | None = None
 
-    def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        frames = self.data.video(str(row["video_key"]))  # (T, Dv): the whole video, read once for all its queries
-        out = []
-        for qid in row["query_ids"]:
-            rec = self.records[str(qid)]
-            cand = train_candidates(
-                self.data, rec, self.spec, seed=self.cfg.train.seed, need_negative=self.need_negative, frames=frames
-            )
-            out.append({"query_id": rec.query_id, **cand})
+    def plan(self, epoch: int) -> np.ndarray:
+        if self._plan is None or self._plan[0] != epoch:
+            t = self.cfg.train
+            self._plan = (epoch, epoch_plan(len(self.data.records), t.batch_size, t.seed, epoch, t.max_steps_per_epoch))
+        return self._plan[1]
+
+    def __call__(self, step: int, epoch: int, rank: int, world: int) -> dict[str, Any]:
+        shard = read_shard(self.data, self.spec, self.cfg, self.plan(epoch), epoch, step, rank, world)
+        # text_mask travels as lengths (a bool tensor column is not needed); the worker rebuilds it
+        out: dict[str, Any] = {k: v.numpy() for k, v in shard.items() if k != "text_mask"}
+        out["text_len"] = shard["text_mask"].sum(dim=1).numpy()
+        out["step"] = np.int64(step)
         return out
 
 
-# Per worker process: (config as JSON, split) -> its open reader.  Map *tasks* with this cache rather than an actor
-# pool of VideoCandidates: Ray Data starts a new actor pool at every execution (every epoch), which costs a process
-# start and the torch import per actor per epoch (about 8 s per epoch on the tiny preset here), while task worker
-# processes are reused across executions (about 1 s per epoch after the first).
-_READERS: dict[tuple[str, str], VideoCandidates] = {}
+# Per worker process: (config as JSON, split) -> its open reader (map tasks reuse their worker processes across
+# executions, so a dataset starts no process and imports nothing after the first).
+_READERS: dict[tuple[str, str], StepReader] = {}
+
+BLOCK_BYTES = 32 * 2**20  # target size of one block of steps (one map task's output)
 
 
-def read_video(row: dict[str, Any], cfg: dict[str, Any], split: str) -> list[dict[str, Any]]:
-    """Ray Data flat_map task: :class:`VideoCandidates` of this process (built on first use) applied to ``row``."""
+def read_step(row: dict[str, Any], cfg: dict[str, Any], split: str, rank: int, world: int) -> dict[str, Any]:
+    """Ray Data map task: rank ``rank``'s part of global step ``row["step"]`` of epoch ``row["epoch"]``, as arrays."""
     key = (json.dumps(cfg, sort_keys=True), split)
     reader = _READERS.get(key)
     if reader is None:
-        reader = _READERS[key] = VideoCandidates(cfg, split)
-    return reader(row)
+        reader = _READERS[key] = StepReader(cfg, split)
+    out = reader(int(row["step"]), int(row["epoch"]), rank, world)
+    out["epoch"] = np.int64(row["epoch"])
+    return out
 
 
-def build_train_dataset(cfg: Config, data: SplitData) -> ray.data.Dataset:
-    """The streaming dataset of candidate rows for the (already opened and checked) training split ``data``.
+def steps_per_block(cfg: Config, world: int, video_dim: int, window: int) -> int:
+    """Steps per map task: as many as fit ``BLOCK_BYTES`` of window features (several steps per task amortise
+    Ray's per-task and per-block costs; a bounded block keeps MAD-size windows within the memory budget)."""
+    windows = cfg.train.batch_size // world * (2 if cfg.loss.negatives in ("same_video", "both") else 1)
+    return max(1, BLOCK_BYTES // max(1, windows * window * video_dim * 4))
 
-    The video table is tiny and lives in the object store; its block order is reshuffled at every execution (every
-    epoch), then the map tasks (at most ``ray.data_workers`` at a time, ``ray.data_cpus`` CPUs each) read the
-    features.
-    """
+
+def steps_dataset(cfg: Config, split: str, epochs: range, rank: int, world: int, num_steps: int) -> ray.data.Dataset:
+    """The streaming dataset of rank ``rank``'s parts of the first ``num_steps`` global steps of every epoch in
+    ``epochs``, in (epoch, step) order."""
     import ray.data
 
-    table = video_table(data)
-    videos: ray.data.Dataset = ray.data.from_items(table, override_num_blocks=max(1, min(len(table), MAX_VIDEO_BLOCKS)))
-    videos = videos.randomize_block_order(
-        seed=ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
-    )
-    return videos.flat_map(
-        read_video,
-        fn_args=(to_dict(cfg), data.split),
+    from rgnet.data.dataset import open_split
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # rows in step order, whichever task finishes first
+    ctx.enable_progress_bars = False
+    data = open_split(cfg.data, split)  # metadata only: the window size in frames
+    per_block = steps_per_block(cfg, world, cfg.data.video_dim, WindowSpec.from_config(cfg, data.fps).length)
+    data.close()
+    rows = [{"epoch": e, "step": t} for e in epochs for t in range(num_steps)]
+    return ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // per_block))).map(
+        read_step,
+        fn_kwargs={"cfg": to_dict(cfg), "split": split, "rank": rank, "world": world},
         compute=ray.data.TaskPoolStrategy(size=max(1, cfg.ray.data_workers)),
         num_cpus=cfg.ray.data_cpus,
     )
 
 
-class CollateCandidates(NumpyBatchCollateFn):
-    """``iter_torch_batches`` collate: draw each row's training item for ``epoch`` (0-based), then build the batch.
+def shard_from_row(block: dict[str, np.ndarray], i: int) -> dict[str, Tensor]:
+    """Row ``i`` of a block of :func:`steps_dataset` (numpy) -> the rank's step part (``collate_shard`` schema)."""
+    skip = ("epoch", "step", "text_len")
+    out = {k: torch.from_numpy(np.array(v[i])) for k, v in block.items() if k not in skip}  # a writable copy
+    lengths = torch.from_numpy(np.array(block["text_len"][i]))
+    out["text_mask"] = torch.arange(out["text"].shape[1])[None, :] < lengths[:, None]
+    return out
 
-    Ray hands the batch as a dict of numpy arrays (object arrays of ndarrays for the variable-shaped columns, a
-    string array for ``query_id``, which is why a collate function is needed at all).
+
+class WorkerSteps:
+    """Rank ``rank``'s parts of the global steps of epochs ``first_epoch`` .. ``end_epoch - 1``, from one streaming
+    dataset for the whole run (one executor start, read-ahead across epoch boundaries while the worker validates).
+
+    :meth:`epoch` must be called for the epochs in order (what ``rgnet.train.loop.fit`` does); it checks that the
+    rows it hands out are the epoch's steps in order.
     """
 
-    def __init__(self, cfg: Config, epoch: int) -> None:
-        self.seed, self.negatives, self.epoch = cfg.train.seed, cfg.loss.negatives, epoch
+    def __init__(
+        self, cfg: Config, split: str, first_epoch: int, end_epoch: int, rank: int, world: int, num_steps: int
+    ) -> None:
+        self.first_epoch, self.num_steps = first_epoch, num_steps
+        self.dataset = steps_dataset(cfg, split, range(first_epoch, end_epoch), rank, world, num_steps)
+        self._rows: Iterator[dict[str, Tensor | int]] | None = None
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Tensor]:
-        items = []
-        for i, qid in enumerate(batch["query_id"]):
-            cand = {k: np.asarray(batch[k][i]) for k in CANDIDATE_COLUMNS if k in batch}
-            items.append(sample_train_item(cand, item_rng(self.seed, self.epoch, str(qid))))
-        return collate_train(items, self.negatives)
+    def _iter_rows(self) -> Iterator[dict[str, Tensor | int]]:
+        for block in self.dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            for i in range(len(block["step"])):
+                yield {"epoch": int(block["epoch"][i]), "step": int(block["step"][i]), **shard_from_row(block, i)}
 
+    def epoch(self, epoch: int) -> Iterator[dict[str, Tensor]]:
+        if self._rows is None:
+            self._rows = self._iter_rows()
+        for expected in range(self.num_steps):
+            row = next(self._rows, None)
+            if row is None or (row["epoch"], row["step"]) != (epoch, expected):
+                got = "nothing" if row is None else f"epoch {row['epoch']} step {row['step']}"
+                raise RuntimeError(f"Ray Data delivered {got} where epoch {epoch} step {expected} was due")
+            yield {k: v for k, v in row.items() if k not in ("epoch", "step")}  # type: ignore[misc]
 
-def steps_per_epoch(num_queries: int, world_size: int, cfg: Config) -> int:
-    """Full batches per worker and epoch: the shards are equal (the remainder rows are dropped), so are the steps.
+    def close(self) -> None:
+        """Stop reading (a stream left open would be torn down after Ray shuts down, noisily)."""
+        if self._rows is not None:
+            self._rows.close()  # type: ignore[attr-defined]
+            self._rows = None
 
-    Every rank must run the same number of steps (DDP all-reduces every step) and the same as the local loader's
-    ``TrainBatches.num_batches`` for the same world size.
-    """
-    n = (num_queries // max(world_size, 1)) // cfg.train.batch_size
-    if cfg.train.max_steps_per_epoch:
-        n = min(n, cfg.train.max_steps_per_epoch)
-    return n
+    def __enter__(self) -> WorkerSteps:
+        return self
 
-
-def epoch_batches(shard: Any, cfg: Config, epoch: int, num_steps: int, *, rank: int = 0) -> Iterator[dict[str, Tensor]]:
-    """One epoch of model batches from a worker's dataset shard (a ``DataIterator``), at most ``num_steps``.
-
-    A fresh ``iter_torch_batches`` per epoch streams a new pass over the data.  The local shuffle buffer mixes
-    queries of different videos into a batch (rows arrive video by video); its seed depends on (seed, epoch, rank).
-    """
-    bs = cfg.train.batch_size
-    batches = shard.iter_torch_batches(
-        batch_size=bs,
-        collate_fn=CollateCandidates(cfg, epoch),
-        drop_last=True,
-        local_shuffle_buffer_size=max(4 * bs, 64),
-        local_shuffle_seed=shuffle_seed(cfg.train.seed, epoch, rank),
-        prefetch_batches=2,
-    )
-    for step, batch in enumerate(batches):
-        if step >= num_steps:
-            break
-        yield batch
-
-
-def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
-    """Seed of a worker's local shuffle buffer for an epoch (the same on a resumed run)."""
-    return zlib.crc32(f"{seed}:{epoch}:{rank}".encode())
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +114,17 @@ def run_local(cfg: Config, *, fresh: bool = False, test: bool = True) -> dict[st
     from rgnet.io import atomic_write_json
     from rgnet.model import build_model
     from rgnet.train import checkpoint as ckpt
-    from rgnet.train.loop import EpochResult, TrainState, evaluate_model, fit, resolve_device, seed_everything
+    from rgnet.train.loop import (
+        EpochResult,
+        TrainState,
+        evaluate_model,
+        fit,
+        resolve_device,
+        seed_everything,
+        set_threads,
+    )
 
+    t_start = time.perf_counter()
     prepare_data(cfg)
     run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
     if fresh and run_dir.exists():
@@ -125,6 +135,7 @@ def run_local(cfg: Config, *, fresh: bool = False, test: bool = True) -> dict[st
     train_data = open_split(cfg.data, cfg.data.train_split)
     val_data = open_split(cfg.data, cfg.data.val_split)
     device = resolve_device(cfg.train.device)
+    threads = set_threads(cfg.train.threads, os.cpu_count() or 1)
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim).to(device)
     batches = TrainBatches(train_data, cfg)
@@ -137,12 +148,14 @@ def run_local(cfg: Config, *, fresh: bool = False, test: bool = True) -> dict[st
     if payload is not None:
         log.info("resuming %s from %s (epoch %d)", cfg.train.run_name, last, payload["epoch"])
     log.info(
-        "training %s on %s: %d train / %d val queries, %d steps per epoch, %d epochs",
+        "training %s on %s (%d torch threads): %d train / %d val queries, %d steps per epoch of %d queries, %d epochs",
         cfg.train.run_name,
         device,
+        threads,
         len(train_data.records),
         len(val_data.records),
         batches.num_batches(),
+        cfg.train.batch_size,
         cfg.train.epochs,
     )
 
@@ -162,9 +175,11 @@ def run_local(cfg: Config, *, fresh: bool = False, test: bool = True) -> dict[st
             line += "  val " + "  ".join(f"{k} {m[k]:.2f}" for k in shown) + ("  (best)" if result.is_best else "")
         print(line, flush=True)
 
+    t_fit = time.perf_counter()
     final = fit(
         model, cfg, batches.epoch, batches.num_batches(), val_data, device, payload=payload, on_epoch_end=on_epoch_end
     )
+    fit_s = time.perf_counter() - t_fit
     write_epoch_plots(final.history, run_dir / "plots", cfg.train.selection_metric)
 
     best_model, _ = ckpt.load_model(run_dir / "best.pt", device)
@@ -179,6 +194,10 @@ def run_local(cfg: Config, *, fresh: bool = False, test: bool = True) -> dict[st
         print(f"\n{name} split ({data.split}), best checkpoint:\n{format_table(report)}")
         out[name] = report
     print(f"\nrun folder: {run_dir}\n  evaluate again: rgnet evaluate --checkpoint {run_dir / 'best.pt'} --split val")
+    history = [{f"train/{k}": v for k, v in h.items()} for h in final.history]
+    final_s = time.perf_counter() - t_fit - fit_s
+    out["time"] = time_split(history, 0.0, fit_s, final_s, time.perf_counter() - t_start)
+    print(format_time_split(out["time"], local=True), flush=True)
     return out
 
 
@@ -295,10 +314,9 @@ def check_same_run(cfg: Config) -> None:
     atomic_write_json(path, now)
 
 
-def fit_on_ray(
-    cfg: Config, train_data: Any, handle: Any, *, verbose: bool = False, callbacks: list[Any] | None = None
-) -> Any:
-    """Build the dataset and the TorchTrainer and run it; returns the ``ray.train.Result``.
+def fit_on_ray(cfg: Config, handle: Any, *, verbose: bool = False, callbacks: list[Any] | None = None) -> Any:
+    """Build the TorchTrainer and run it; returns the ``ray.train.Result``.  Each worker streams its part of every
+    global step through a Ray Data dataset of its own (``pipelines.data``), so no dataset is passed here.
 
     ``handle`` (a ``tracking.RunHandle`` or None) gets the epochs through :class:`pipelines.tracking.EpochLogger`;
     ``callbacks`` are further ``ray.train.UserCallback`` objects (a Tune trial passes Ray's ``TuneReportCallback``).
@@ -307,7 +325,6 @@ def fit_on_ray(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipelines.data import build_train_dataset
     from pipelines.tracking import EpochLogger
     from pipelines.train_worker import SELECTION_SCORE, train_fn_per_worker
     from rgnet.config import to_dict
@@ -315,7 +332,6 @@ def fit_on_ray(
     ray.data.DataContext.get_current().enable_progress_bars = False  # one line per epoch instead
     user_callbacks: list[Any] = [EpochLogger(handle.uri, handle.run_id, cfg.train.epochs)] if handle is not None else []
     user_callbacks += callbacks or []
-    dataset = build_train_dataset(cfg, train_data)
     resources = {"CPU": cfg.ray.cpus_per_worker} | ({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.use_gpu else {})
     if cfg.ray.use_gpu and cfg.train.precision == "fp32":
         log.info("training on GPUs in fp32; train.precision=bf16 (or fp16) turns on autocast")
@@ -340,7 +356,6 @@ def fit_on_ray(
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
             callbacks=user_callbacks,
         ),
-        datasets={"train": dataset},
     )
     return trainer.fit()
 
@@ -351,11 +366,17 @@ def run_ray(
     """Distributed training and evaluation (module docstring); returns the final reports, the best checkpoint path
     and the MLflow run id."""
     from pipelines import tracking
-    from pipelines.data import steps_per_epoch
     from rgnet.data.dataset import open_split
+    from rgnet.data.samples import steps_per_epoch
 
+    t_start = time.perf_counter()
     if cfg.ray.num_workers < 1:
         raise ConfigError("ray.num_workers must be >= 1 for training on Ray (use --local for one process)")
+    if cfg.train.batch_size % cfg.ray.num_workers:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is the global batch (queries per optimizer step) and must split "
+            f"evenly over ray.num_workers={cfg.ray.num_workers}: choose a multiple of the number of workers"
+        )
     cfg = resolve_paths(cfg)
     prepare_data(cfg)
     # 1. Data, opened here: a missing or malformed dataset fails now, before Ray and its workers start.
@@ -363,11 +384,10 @@ def run_ray(
     if test and cfg.data.test_split and cfg.data.test_split != cfg.data.val_split:
         splits["test"] = open_split(cfg.data, cfg.data.test_split)
     num_train = len(splits["train"].records)
-    steps = steps_per_epoch(num_train, cfg.ray.num_workers, cfg)
+    steps = steps_per_epoch(num_train, cfg.train.batch_size, cfg.train.max_steps_per_epoch)
     if steps == 0:
         raise ConfigError(
-            f"{num_train} training queries over ray.num_workers={cfg.ray.num_workers} make no full batch of "
-            f"train.batch_size={cfg.train.batch_size}: lower one of them"
+            f"{num_train} training queries make no full batch of train.batch_size={cfg.train.batch_size}: lower it"
         )
     if not fresh:
         check_same_run(cfg)  # resuming another experiment's checkpoints is an error, before anything is created
@@ -388,19 +408,28 @@ def run_ray(
     status, connected = "FAILED", False
     try:
         # 3. Ray
+        t_ray = time.perf_counter()
         connected = init_ray(cfg)
+        ray_start_s = time.perf_counter() - t_ray
         if not cfg.ray.address and not os.environ.get("RAY_ADDRESS"):
             check_resources(cfg)
         print(
             f"training {cfg.train.run_name}: {cfg.ray.num_workers} Ray Train workers x {cfg.ray.cpus_per_worker:g} CPU"
             f"{' + GPU' if cfg.ray.use_gpu else ''}, {num_train} train / {len(splits['val'].records)} val queries, "
-            f"{steps} steps per epoch per worker, {cfg.train.epochs} epochs; checkpoints in {ray_run_dir(cfg)}",
+            f"{steps} steps per epoch of {cfg.train.batch_size} queries ({cfg.train.batch_size // cfg.ray.num_workers} "
+            f"per worker), {cfg.train.epochs} epochs; checkpoints in {ray_run_dir(cfg)}",
             flush=True,
         )
         # 4. Train
-        result = fit_on_ray(cfg, splits["train"], handle, verbose=verbose)
+        t_fit = time.perf_counter()
+        result = fit_on_ray(cfg, handle, verbose=verbose)
+        fit_s = time.perf_counter() - t_fit
         # 5. Evaluate the best checkpoint, log the artifacts
+        t_final = time.perf_counter()
         out = finish_training(cfg, result, splits, handle)
+        final_s = time.perf_counter() - t_final
+        out["time"] = time_split(out.pop("history"), ray_start_s, fit_s, final_s, time.perf_counter() - t_start)
+        print(format_time_split(out["time"]), flush=True)
         status = "FINISHED"
         return out
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (`ray job stop`), which Ray turns into an exit
@@ -441,13 +470,18 @@ def finish_training(cfg: Config, result: Any, splits: dict[str, Any], handle: An
                 shutil.copyfile(Path(d) / name, run_dir / dest)
     history = tracking.read_history(result.checkpoint)  # the latest checkpoint holds every epoch
     atomic_write_json(run_dir / "history.json", history)
+    out_history = history
     if handle is not None:  # an epoch whose report was never logged (driver killed in between) is logged now
         tracking.EpochLogger(handle.uri, handle.run_id, cfg.train.epochs).log_history(history)
 
     device = resolve_device(cfg.train.device)
     model, _ = ckpt.load_model(run_dir / "best.pt", device)
     best_epoch = int(ckpt.load_checkpoint(run_dir / "best.pt")["epoch"])
-    out: dict[str, Any] = {"best_epoch": best_epoch, "best_checkpoint": str(run_dir / "best.pt")}
+    out: dict[str, Any] = {
+        "best_epoch": best_epoch,
+        "best_checkpoint": str(run_dir / "best.pt"),
+        "history": out_history,
+    }
     tables = []
     for name, data in splits.items():
         if name == "train":
@@ -478,6 +512,42 @@ def finish_training(cfg: Config, result: Any, splits: dict[str, Any], handle: An
             else f"  open the run: {handle.uri.rstrip('/')}/#/experiments/{handle.experiment_id}/runs/{handle.run_id}"
         )
     return out
+
+
+def time_split(
+    history: list[dict[str, Any]], ray_start_s: float, fit_s: float, final_s: float, total_s: float
+) -> dict[str, float]:
+    """Where a run's wall time went, from the driver's clocks and the epochs' own (``train/seconds``: the steps,
+    ``train/data_wait_s``: of which waiting for batches, ``train/eval_s``: validation).  Only the epochs this attempt
+    trained are summed (a resumed run's history also holds the earlier attempts' epochs)."""
+    attempt = history[-1].get("resumed_after_epoch", 0) if history else 0
+    mine = [h for h in history if h.get("resumed_after_epoch", 0) == attempt]
+    steps = sum(float(h.get("train/seconds", 0.0)) for h in mine)
+    wait = sum(float(h.get("train/data_wait_s", 0.0)) for h in mine)
+    val = sum(float(h.get("train/eval_s", 0.0)) for h in mine)
+    return {
+        "total_s": total_s,
+        "setup_s": max(0.0, total_s - ray_start_s - fit_s - final_s),  # data checks, MLflow run, Ray job set-up
+        "ray_start_s": ray_start_s,
+        "train_run_s": fit_s,
+        "compute_s": steps - wait,
+        "data_wait_s": wait,
+        "validation_s": val,
+        "workers_checkpoints_other_s": max(0.0, fit_s - steps - val),
+        "final_evaluation_s": final_s,
+    }
+
+
+def format_time_split(t: dict[str, float], *, local: bool = False) -> str:
+    """One line; ``local``: a run in this process (no Ray start, no workers to start)."""
+    head = "training" if local else f"Ray start {t['ray_start_s']:.0f} s + Ray Train run"
+    other = "checkpoints" if local else "worker start + checkpoints + reports"
+    return (
+        f"time: total {t['total_s']:.0f} s = set-up {t['setup_s']:.0f} s + {head} {t['train_run_s']:.0f} s (compute "
+        f"{t['compute_s']:.0f} s, waiting for data {t['data_wait_s']:.1f} s, validation {t['validation_s']:.0f} s, "
+        f"{other} {t['workers_checkpoints_other_s']:.0f} s) + final evaluation and logging "
+        f"{t['final_evaluation_s']:.0f} s"
+    )
 
 
 def log_results(

@@ -1,10 +1,11 @@
 """The Ray Train per-worker function: one plain dict (the resolved config) in, reports and checkpoints out.
 
-Every worker builds its own model and reads its own dataset shard; the training itself is the library's loop
-(``rgnet.train.loop.fit``), which calls :func:`train_fn_per_worker`'s ``on_epoch_end`` hook once per epoch on every
-rank.  Rank 0 validates (``evaluate_model`` on the whole validation split) and reports the metrics with a checkpoint;
-the other ranks report their node only, so every rank calls ``ray.train.report`` exactly once per epoch (it is a
-barrier).  The Ray lines are marked ``# Ray``.
+Every worker builds the same model (same seed) and reads, every epoch, its part of each global step from a streaming
+Ray Data dataset of its own (``pipelines.data.WorkerSteps``); the training itself is the library's loop
+(``rgnet.train.loop.fit``) with the step group of the workers (``rgnet.train.distributed``), so N workers compute the
+one-process step (DESIGN section 6).  Every rank validates its share of the videos; rank 0 reports the metrics with a
+checkpoint and the other ranks report their node only, so every rank calls ``ray.train.report`` exactly once per
+epoch (it is a barrier).  The Ray lines are marked ``# Ray``.
 
 A checkpoint folder holds ``checkpoint.pt`` (``rgnet.train.checkpoint`` payload: state dicts + the resolved config,
 loadable with ``weights_only=True``), ``history.json`` (every epoch's metrics of the run so far, which the MLflow
@@ -97,13 +98,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipelines.data import epoch_batches, steps_per_epoch
+    from pipelines.data import WorkerSteps
     from rgnet.data.dataset import open_split
+    from rgnet.data.samples import steps_per_epoch
     from rgnet.eval.predictions import write_predictions
     from rgnet.io import atomic_write_json
     from rgnet.model import build_model
     from rgnet.train import checkpoint as ckpt
-    from rgnet.train.loop import fit, seed_everything
+    from rgnet.train.distributed import step_group
+    from rgnet.train.loop import fit, seed_everything, set_threads
 
     cfg = from_dict(config)
     worker_cfg = from_dict({"train": {"progress": False}}, cfg)  # per-epoch lines from rank 0 instead of bars
@@ -111,14 +114,20 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     node_id = ray.get_runtime_context().get_node_id()  # Ray
     device = ray.train.torch.get_device()  # Ray: cpu, or this worker's GPU
+    threads = set_threads(cfg.train.threads, int(cfg.ray.cpus_per_worker))
+    group = step_group()  # the workers' step collectives (Ray Train set up torch.distributed)
 
-    train_data = open_split(cfg.data, cfg.data.train_split)  # metadata only: the shard streams the features
-    num_steps = steps_per_epoch(len(train_data.records), world, cfg)
+    train_data = open_split(cfg.data, cfg.data.train_split)  # metadata only: Ray Data tasks read the features
+    t = cfg.train
+    num_steps = steps_per_epoch(len(train_data.records), t.batch_size, t.max_steps_per_epoch)
     fps = train_data.fps
     train_data.close()
-    val_data = open_split(cfg.data, cfg.data.val_split) if rank == 0 else None
+    val_data = open_split(cfg.data, cfg.data.val_split)  # every rank validates its share of the videos
+    if rank == 0:
+        log.info("worker %d/%d: %d torch threads, %d global steps of %d queries per epoch", rank, world, threads,
+                 num_steps, t.batch_size)  # fmt: skip
 
-    seed_everything(cfg.train.seed)  # the same initial weights on every rank
+    seed_everything(t.seed)  # the same initial weights on every rank
     model: nn.Module = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim)
     unused = parameters_without_gradient(model, cfg, fps)
     if unused and rank == 0:
@@ -131,7 +140,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(  # Ray: to the device, DDP when world > 1
         model, parallel_strategy_kwargs={"find_unused_parameters": bool(unused)}
     )
-    seed_everything(cfg.train.seed + 1000 * rank)  # different dropout and Gumbel noise per rank
+    seed_everything(t.seed)  # training draws are keyed per window/query/pair; this covers anything that is not
 
     payload: dict[str, Any] | None = None
     history: list[dict[str, Any]] = []
@@ -141,12 +150,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             payload = ckpt.load_checkpoint(Path(d) / ckpt.CHECKPOINT_FILE, device)
             history = json.loads((Path(d) / "history.json").read_text())
         if rank == 0:
-            log.info("resuming after epoch %d of %d from %s", payload["epoch"], cfg.train.epochs, checkpoint.path)
+            log.info("resuming after epoch %d of %d from %s", payload["epoch"], t.epochs, checkpoint.path)
     resumed_after = int(payload["epoch"]) if payload is not None else 0
-    shard = ray.train.get_dataset_shard("train")  # Ray: this worker's share of the streaming dataset
 
-    def batches(epoch: int) -> Any:
-        return epoch_batches(shard, cfg, epoch, num_steps, rank=rank)
+    # Ray Data: this rank's parts of every remaining global step, one streaming dataset for the rest of the run
+    steps = WorkerSteps(cfg, cfg.data.train_split, resumed_after, t.epochs, rank, world, num_steps)
 
     def on_epoch_end(result: EpochResult, state: TrainState, p: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {"epoch": result.epoch, "rank": rank, "node_id": node_id}
@@ -155,7 +163,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             return
         entry = epoch_entry(result, resumed_after)
         history.append(entry)
-        value = result.val_report["metrics"][cfg.train.selection_metric] if result.val_report else None
+        value = result.val_report["metrics"][t.selection_metric] if result.val_report else None
         with tempfile.TemporaryDirectory() as d:
             ckpt.save_checkpoint(p, Path(d) / ckpt.CHECKPOINT_FILE)
             atomic_write_json(Path(d) / "history.json", history)
@@ -171,24 +179,25 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     def make_payload(model: nn.Module, _cfg: Config, **kw: Any) -> dict[str, Any]:
         return ckpt.make_payload(model, cfg, **kw)  # the resolved config, not the worker's progress-off copy
 
-    fit(
-        model,
-        worker_cfg,
-        batches,
-        num_steps,
-        val_data,
-        device,
-        payload=payload,
-        on_epoch_end=on_epoch_end,
-        make_payload=make_payload,
-        evaluate_here=rank == 0,
-    )
+    with steps:
+        fit(
+            model,
+            worker_cfg,
+            steps.epoch,
+            num_steps,
+            val_data,
+            device,
+            payload=payload,
+            on_epoch_end=on_epoch_end,
+            make_payload=make_payload,
+            group=group,
+        )
 
 
 def progress_line(entry: dict[str, Any], cfg: Config) -> str:
     line = (
         f"epoch {entry['epoch']}/{cfg.train.epochs}: loss {entry['train/loss']:.4f}  "
-        f"{entry['train/pairs_per_s']:.1f} pairs/s/worker  {entry['train/seconds']:.1f} s"
+        f"{entry['train/pairs_per_s']:.1f} pairs/s  {entry['train/seconds']:.1f} s"
     )
     shown = [k for k in ("retrieval_R1", "R1@0.3", "R1@0.5", "R5@0.3", "mIoU") if f"val/{k}" in entry]
     if shown:

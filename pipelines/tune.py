@@ -133,7 +133,6 @@ def trial_driver(config: dict[str, Any]) -> None:
 
     from pipelines import tracking
     from pipelines.train import fit_on_ray
-    from rgnet.data.dataset import open_split
 
     sweep = config[SWEEP_KEY]
     space = load_space(sweep["space"])
@@ -155,7 +154,7 @@ def trial_driver(config: dict[str, Any]) -> None:
         handle = tracking.open_run(cfg, run_key=run_key, preset=space.preset, tags=tags)
     status = "FAILED"
     try:
-        fit_on_ray(cfg, open_split(cfg.data, cfg.data.train_split), handle, callbacks=[TuneReportCallback()])
+        fit_on_ray(cfg, handle, callbacks=[TuneReportCallback()])
         status = "FINISHED"
     finally:  # an ASHA stop kills this actor before here: the sweep driver marks those runs afterwards
         if handle is not None:

@@ -183,7 +183,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 8  # queries per step per worker; the encoder sees batch_size^2 pairs with in_batch negatives
+    # queries per optimizer step, whatever the number of workers (the global batch; N Ray workers take B/N each and
+    # compute the one-process step exactly); the encoder sees batch_size^2 pairs with in_batch negatives
+    batch_size: int = 8
     seed: int = 2018
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype on CUDA; CPU always runs fp32
@@ -193,6 +195,9 @@ class TrainConfig:
     run_name: str = "synthetic-ego4d"
     selection_metric: str = "R1@0.3"  # best checkpoint by this validation metric (higher is better)
     progress: bool = True  # per-epoch progress bar with loss and throughput
+    # torch threads per training process: 0 = its CPUs (all cores with --local, floor(ray.cpus_per_worker) but at
+    # least 1 on a Ray worker).  Results depend on it (summation order): runs that must agree use the same count
+    threads: int = 0
 
 
 @dataclass
@@ -278,6 +283,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.iou_thresholds must lie in [0, 1), got {cfg.eval.iou_thresholds}")
     if cfg.ray.num_workers < 0:
         raise ConfigError(f"ray.num_workers must be >= 0, got {cfg.ray.num_workers}")
+    if cfg.train.threads < 0:
+        raise ConfigError(f"train.threads must be >= 0 (0 = the process's CPUs), got {cfg.train.threads}")
     if cfg.ray.cpus_per_worker <= 0:
         raise ConfigError(f"ray.cpus_per_worker must be > 0, got {cfg.ray.cpus_per_worker}")
 

@@ -1,19 +1,17 @@
-"""Ray Data pipeline: one candidate row per query, read video by video; the per-epoch draw equals the local loader's."""
+"""Ray Data training pipeline: each rank's stream holds exactly its part of every global step, in step order, and
+the parts of all ranks put together are the one-process batch (rgnet.data.samples)."""
 
 from __future__ import annotations
 
-import threading
-from typing import Any
-
-import numpy as np
 import pytest
+import torch
 
-from pipelines.data import CANDIDATE_COLUMNS, build_train_dataset, epoch_batches, steps_per_epoch, video_table
-from rgnet.config import Config, from_dict, load_config
-from rgnet.data.dataset import open_split
-from rgnet.data.samples import WindowSpec, item_rng, make_train_item, sample_train_item
+from pipelines.data import WorkerSteps
+from rgnet.config import Config, apply_overrides, load_config
+from rgnet.data.dataset import SplitData, open_split
+from rgnet.data.samples import TrainBatches, shard_slice, steps_per_epoch
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
@@ -26,45 +24,34 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Config:
 
 
 @pytest.mark.parametrize("negatives", ["in_batch", "both"])
-def test_rows_draw_the_local_loaders_items(ray_session: str, tiny: Config, negatives: str) -> None:
-    cfg = from_dict({"loss": {"negatives": negatives}}, tiny)
+def test_rank_streams_are_the_parts_of_the_local_steps(ray_session: str, tiny: Config, negatives: str) -> None:
+    cfg = apply_overrides(tiny, [f"loss.negatives={negatives}"])
     data = open_split(cfg.data, cfg.data.train_split)
-    assert sum(len(v["query_ids"]) for v in video_table(data)) == len(data.records)
-    rows = build_train_dataset(cfg, data).take_all()
-    records = {r.query_id: r for r in data.records}
-    assert sorted(str(r["query_id"]) for r in rows) == sorted(records)  # every query exactly once
-    spec = WindowSpec.from_config(cfg, data.fps)
-    seed = cfg.train.seed
-    for epoch in (0, 5):
-        for row in rows:
-            qid = str(row["query_id"])
-            cand = {k: np.asarray(row[k]) for k in CANDIDATE_COLUMNS if k in row}
-            ours = sample_train_item(cand, item_rng(seed, epoch, qid))
-            local = make_train_item(
-                data, records[qid], spec, item_rng(seed, epoch, qid), seed=seed, need_negative=negatives == "both"
-            )
-            assert ours.keys() == local.keys()
-            for key in local:
-                np.testing.assert_array_equal(ours[key], local[key], err_msg=f"{qid} {key} epoch {epoch}")
+    steps = steps_per_epoch(len(data.records), cfg.train.batch_size)
+    assert steps == len(data.records) // cfg.train.batch_size
+    epoch = 3
+    streams = [WorkerSteps(cfg, cfg.data.train_split, epoch, epoch + 2, rank, 2, steps) for rank in range(2)]
+    try:
+        _check(cfg, data, streams, epoch, steps)
+    finally:
+        for stream in streams:
+            stream.close()
 
 
-def test_two_shards_give_equal_full_batches(ray_session: str, tiny: Config) -> None:
-    data = open_split(tiny.data, tiny.data.train_split)
-    shards = build_train_dataset(tiny, data).streaming_split(2, equal=True)
-    steps = steps_per_epoch(len(data.records), 2, tiny)
-    assert steps == len(data.records) // 2 // tiny.train.batch_size
-    got: dict[int, list[dict[str, Any]]] = {}
-
-    def consume(rank: int) -> None:  # the shards of a streaming split are consumed concurrently, as by workers
-        got[rank] = list(epoch_batches(shards[rank], tiny, epoch=1, num_steps=steps, rank=rank))
-
-    threads = [threading.Thread(target=consume, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=240)
-    assert [len(got[r]) for r in range(2)] == [steps, steps]
-    bs = tiny.train.batch_size
-    for batch in got[0] + got[1]:
-        assert batch["text"].shape[0] == bs and batch["video"].shape[0] == bs
-        assert batch["pair_window"].numel() == bs * bs  # in-batch negatives: every query with every window
+def _check(cfg: Config, data: SplitData, streams: list[WorkerSteps], epoch: int, steps: int) -> None:
+    local = list(TrainBatches(data, cfg).epoch(epoch))
+    parts = [list(stream.epoch(epoch)) for stream in streams]
+    assert len(local) == len(parts[0]) == len(parts[1]) == steps
+    for step, whole in enumerate(local):
+        for rank in range(2):
+            part, rows = parts[rank][step], shard_slice(cfg.train.batch_size, rank, 2)
+            assert part.keys() == whole.keys()
+            for key, value in part.items():  # every field, bit for bit; texts padded to the global batch's length
+                torch.testing.assert_close(value, whole[key][rows], rtol=0, atol=0, msg=f"step {step} {key}")
+    # the stream goes on into the next epoch: its steps are the local loader's too, and another plan
+    following = list(TrainBatches(data, cfg).epoch(epoch + 1))
+    nxt = list(streams[0].epoch(epoch + 1))
+    torch.testing.assert_close(nxt[0]["video"], following[0]["video"][:4], rtol=0, atol=0)
+    assert not torch.equal(nxt[0]["text_key"], parts[0][0]["text_key"])
+    with pytest.raises(RuntimeError, match="epoch 5 step 0 was due"):  # epochs out of order are refused
+        next(iter(streams[1].epoch(epoch + 2)))

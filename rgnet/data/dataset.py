@@ -106,11 +106,14 @@ class SplitData:
         """Frames [start, stop), (stop - start, Dv) float32; only these rows are read."""
         return self.videos.get_slice(video_key, start, stop)
 
+    def text_length(self, query_key: str) -> int:
+        """Tokens that :meth:`text` returns for this query (metadata only)."""
+        return min(self.texts.num_frames(query_key), self.max_query_tokens)
+
     def text(self, query_key: str) -> np.ndarray:
         """Token features (Lq, Dt) float32: the first ``max_query_tokens`` tokens, each L2-normalised if asked
         (the released code normalises tokens, then truncates; per-token normalisation makes the order irrelevant)."""
-        length = min(self.texts.num_frames(query_key), self.max_query_tokens)
-        tokens = self.texts.get_slice(query_key, 0, length)  # (Lq, Dt)
+        tokens = self.texts.get_slice(query_key, 0, self.text_length(query_key))  # (Lq, Dt)
         if self.normalize_text:
             norms = np.linalg.norm(tokens, axis=1, keepdims=True)  # (Lq, 1)
             tokens = tokens / np.maximum(norms, np.float32(1e-12))  # an all-zero token stays zero

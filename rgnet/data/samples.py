@@ -1,12 +1,20 @@
 """Training and evaluation samples: from query records and feature stores to model batches.
 
-A *training item* is one query with one sampled positive window (plus, for same-video negatives, one window of the
-same video that does not overlap the moment), the GT clipped to that window and one in-moment / out-of-moment frame
-pair for the sampling hinge (Eq. 6).  Reading and sampling are split: :func:`train_candidates` reads what a query's
-items are drawn from (its positive windows, once), :func:`sample_train_item` draws the epoch's item with a generator
-seeded by (seed, epoch, query id), so a resumed or re-sharded run draws the same samples.  The local loader calls
-both in turn; the Ray Data pipeline reads candidates in its map stage (one video at a time) and samples in the
-train worker.
+Glossary: B queries of a global batch (``train.batch_size``), B_r = B / R the queries of one of R ranks (processes
+that share a step: 1 in ``rgnet train --local``, ``ray.num_workers`` on Ray), Lv = W frames per window, Lq words,
+Dv / Dt video / text widths.
+
+**One global step, defined here for every path.**  An epoch is a seeded function of (seed, epoch):
+:func:`epoch_plan` permutes the split's queries and cuts the permutation into full global batches of B queries; for
+each query :func:`train_item` draws its positive window and its in-moment / out-of-moment hinge frames (Eq. 6) with a
+generator seeded by (seed, epoch, query id), and its same-video negative window once per query (seeded by (seed,
+query id)); every window and query of a step also gets the keys of its random streams (dropout and Gumbel noise,
+``rgnet.model.randomness``) from (seed, epoch, step, its slot in the global batch).  Rank r of R takes the queries
+``shard_slice(B, r, R)`` of every global batch (:func:`read_shard`, :func:`collate_shard`); :func:`assemble_step`
+turns a rank's part into the model batch of *pair sharding*: the rank's queries paired with all B positive windows
+of the global batch (gathered from the other ranks when R > 1) plus its own negatives.  With R = 1 it is the whole
+global batch.  The losses are then normalised by the global B (``rgnet.model.criterion``) and the window-to-query
+InfoNCE columns gather their logits across ranks, so R ranks compute exactly the one-process step.
 
 An *evaluation item* is a video with all its windows and every query about it: the encoder runs on every
 (window, query) pair of the video, the decoder on the top-k windows per query only (rgnet.eval.inference).
@@ -15,8 +23,9 @@ An *evaluation item* is a video with all its windows and every query about it: t
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +35,7 @@ from rgnet.config import Config
 from rgnet.data.dataset import SplitData
 from rgnet.data.records import QueryRecord
 from rgnet.data.windows import clip_to_window_cw, positive_windows, window_bounds, window_frames
+from rgnet.model.randomness import mix_keys
 
 
 @dataclass(frozen=True)
@@ -42,28 +52,66 @@ class WindowSpec:
         return cls(length, stride, fps)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The epoch's global batches
+# ---------------------------------------------------------------------------------------------------------------
+def steps_per_epoch(num_queries: int, batch_size: int, max_steps: int = 0) -> int:
+    """Full global batches per epoch: the last partial batch is dropped (in-batch negatives need B queries);
+    ``max_steps`` > 0 caps it (``train.max_steps_per_epoch``).  The same for any number of ranks."""
+    n = num_queries // batch_size
+    return min(n, max_steps) if max_steps else n
+
+
+def epoch_plan(num_queries: int, batch_size: int, seed: int, epoch: int, max_steps: int = 0) -> np.ndarray:
+    """(steps, B) int64: the record indices of every global batch of ``epoch`` (0-based), a seeded permutation."""
+    steps = steps_per_epoch(num_queries, batch_size, max_steps)
+    order = np.random.default_rng([seed, epoch]).permutation(num_queries)
+    return order[: steps * batch_size].reshape(steps, batch_size)
+
+
+def shard_slice(batch_size: int, rank: int, world: int) -> slice:
+    """The global-batch slots of rank ``rank`` of ``world``: B / R consecutive slots."""
+    if batch_size % world:
+        raise ValueError(
+            f"train.batch_size={batch_size} (queries per global step) does not split over {world} workers: choose "
+            f"a multiple of ray.num_workers"
+        )
+    per = batch_size // world
+    return slice(rank * per, (rank + 1) * per)
+
+
+def step_key(seed: int, epoch: int, step: int) -> int:
+    """The root of a step's random-stream keys."""
+    return int(mix_keys(seed, epoch, step))
+
+
 def item_rng(seed: int, epoch: int, query_id: str) -> np.random.Generator:
     """A generator that depends only on (seed, epoch, query): the draw is independent of sharding and order."""
     return np.random.default_rng([seed, epoch, zlib.crc32(query_id.encode())])
 
 
-def train_candidates(
+def train_item(
     data: SplitData,
     record: QueryRecord,
     spec: WindowSpec,
     *,
     seed: int,
+    epoch: int,
+    key: int,
+    slot: int,
     need_negative: bool,
     frames: np.ndarray | None = None,
-) -> dict[str, np.ndarray]:
-    """Everything a query's training items are sampled from, read once (deterministic).
+) -> dict[str, Any]:
+    """One query's training item for ``epoch``: a positive window, the GT clipped to it, a hinge frame pair, the
+    text, optionally a same-video negative window, and the keys of its random streams.
 
-    ``windows`` (n, W, Dv) are the n positive windows (those overlapping the moment), zero-padded, with their valid
-    lengths, the GT clipped to each as (center, width), a sampling weight proportional to the overlap and the
-    window-relative in-moment frame range [in_lo, in_hi) for the hinge.  With ``need_negative`` one window of the same
-    video that does not overlap the moment is drawn once per query (seeded by (seed, query id)); a query whose
-    moment overlaps every window has none (``neg_len`` 0).  ``frames`` (the whole video, when the caller has read it
-    already) avoids re-reading slices.
+    The positive window is drawn among the windows that overlap the moment with probability proportional to the
+    overlap, then the in-moment frame uniformly in the window-relative moment [in_lo, in_hi) and the out-of-moment
+    frame uniformly among the others (``item_rng(seed, epoch, query id)``); only the drawn window is read.  The
+    negative is a window of the same video that does not overlap the moment, drawn once per query (seeded by (seed,
+    query id)); a query whose moment overlaps every window has none (``neg_len`` 0).  ``key`` / ``slot``: the
+    step's key and the query's slot in the global batch.  ``frames`` (the whole video, when the caller holds it)
+    avoids re-reading slices.
     """
     num_frames = data.num_frames(record.video_key) if frames is None else len(frames)
     bounds = window_bounds(num_frames, spec.length, spec.stride)  # (P, 2) frames [start, stop)
@@ -71,69 +119,78 @@ def train_candidates(
     end_f = min(record.end_sec * spec.fps, num_frames)
     pos = positive_windows(bounds, start_f, end_f)
     if len(pos) == 0:  # only possible for a moment past the features' end; readers reject those
-        raise ValueError(f"query {record.query_id}: no window overlaps the moment [{record.start_sec}, {record.end_sec}] s")
+        raise ValueError(
+            f"query {record.query_id}: no window overlaps the moment [{record.start_sec}, {record.end_sec}] s"
+        )
 
     def read(w: int) -> np.ndarray:
         a, b = int(bounds[w, 0]), int(bounds[w, 1])
         chunk = frames[a:b] if frames is not None else data.video_slice(record.video_key, a, b)
         return _padded(chunk, spec.length)
 
+    rng = item_rng(seed, epoch, record.query_id)
     # The released code favours the middle positive window with a Gaussian on window ids; weighting by overlap keeps
     # the sliver windows that barely touch the moment rare without that arbitrary shape (a deliberate deviation).
     overlap = np.minimum(bounds[pos, 1], max(end_f, start_f + 1e-3)) - np.maximum(bounds[pos, 0], start_f)
-    lens = (bounds[pos, 1] - bounds[pos, 0]).astype(np.int64)
-    spans = np.array([clip_to_window_cw(start_f, end_f, int(bounds[w, 0]), int(bounds[w, 1])) for w in pos])
-    in_lo = np.clip(np.floor(start_f) - bounds[pos, 0], 0, lens - 1).astype(np.int64)
-    in_hi = np.clip(np.ceil(end_f) - bounds[pos, 0], in_lo + 1, lens).astype(np.int64)
-    out = {
-        "windows": np.stack([read(int(w)) for w in pos]),
-        "window_len": lens,
-        "spans_cw": spans.astype(np.float32).reshape(-1, 2),
-        "weight": np.clip(overlap, 1e-3, None).astype(np.float64),
-        "in_lo": in_lo,
-        "in_hi": in_hi,
+    weight = np.clip(overlap, 1e-3, None).astype(np.float64)
+    w = int(pos[int(rng.choice(len(pos), p=weight / weight.sum()))])
+    lo, hi = int(bounds[w, 0]), int(bounds[w, 1])
+    valid = hi - lo
+    in_lo = int(np.clip(np.floor(start_f) - lo, 0, valid - 1))
+    in_hi = int(np.clip(np.ceil(end_f) - lo, in_lo + 1, valid))
+    in_frame = int(rng.integers(in_lo, in_hi))
+    outside = np.concatenate([np.arange(0, in_lo), np.arange(in_hi, valid)])
+    out_frame = int(rng.choice(outside)) if len(outside) else in_frame  # no outside frame: the hinge is constant
+    item = {
+        "video": read(w),
+        "video_len": np.int64(valid),
         "text": data.text(record.query_key),
+        "span_cw": np.asarray(clip_to_window_cw(start_f, end_f, lo, hi), dtype=np.float32),
+        "in_frame": np.int64(in_frame),
+        "out_frame": np.int64(out_frame),
+        "window_key": np.int64(mix_keys(key, 1, slot)),
+        "text_key": np.int64(mix_keys(key, 2, slot)),
     }
     if need_negative:
         others = np.setdiff1d(np.arange(len(bounds)), pos)
         if len(others):
             n = int(np.random.default_rng([seed, zlib.crc32(record.query_id.encode())]).choice(others))
-            out["neg_video"], out["neg_len"] = read(n), np.int64(bounds[n, 1] - bounds[n, 0])
+            item["neg_video"], item["neg_len"] = read(n), np.int64(bounds[n, 1] - bounds[n, 0])
         else:
-            out["neg_video"], out["neg_len"] = np.zeros_like(out["windows"][0]), np.int64(0)
+            item["neg_video"], item["neg_len"] = np.zeros_like(item["video"]), np.int64(0)
+        item["neg_key"] = np.int64(mix_keys(key, 4, slot))
     if data.sentences is not None:
-        out["sentence"] = data.sentence(record.query_key)
-    return out
-
-
-def sample_train_item(cand: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One training item from a query's candidates: a positive window (by overlap weight) and a hinge frame pair."""
-    weight = np.asarray(cand["weight"], dtype=np.float64)
-    k = int(rng.choice(len(weight), p=weight / weight.sum()))
-    valid = int(cand["window_len"][k])
-    in_lo, in_hi = int(cand["in_lo"][k]), int(cand["in_hi"][k])
-    in_frame = int(rng.integers(in_lo, in_hi))
-    outside = np.concatenate([np.arange(0, in_lo), np.arange(in_hi, valid)])
-    out_frame = int(rng.choice(outside)) if len(outside) else in_frame  # no outside frame: the hinge is constant
-    item = {
-        "video": cand["windows"][k],
-        "video_len": np.int64(valid),
-        "text": cand["text"],
-        "span_cw": np.asarray(cand["spans_cw"][k], dtype=np.float32),
-        "in_frame": np.int64(in_frame),
-        "out_frame": np.int64(out_frame),
-    }
-    for key in ("neg_video", "neg_len", "sentence"):
-        if key in cand:
-            item[key] = cand[key]
+        item["sentence"] = data.sentence(record.query_key)
     return item
 
 
-def make_train_item(
-    data: SplitData, record: QueryRecord, spec: WindowSpec, rng: np.random.Generator, *, seed: int, need_negative: bool
-) -> dict[str, np.ndarray]:
-    """One query, one positive window sampled with ``rng``: :func:`train_candidates` + :func:`sample_train_item`."""
-    return sample_train_item(train_candidates(data, record, spec, seed=seed, need_negative=need_negative), rng)
+def read_shard(
+    data: SplitData, spec: WindowSpec, cfg: Config, plan: np.ndarray, epoch: int, step: int, rank: int, world: int
+) -> dict[str, Tensor]:
+    """Rank ``rank``'s part of global step ``step`` (``plan``: the epoch's :func:`epoch_plan`), collated.
+
+    Texts are padded to the longest query of the *global* batch (a metadata read), so every rank's tensors have the
+    shapes one process would have: a row's random draws and the kernels' summation order then do not depend on the
+    sharding.
+    """
+    part = shard_slice(cfg.train.batch_size, rank, world)
+    key = step_key(cfg.train.seed, epoch, step)
+    need_negative = cfg.loss.negatives in ("same_video", "both")
+    text_length = max(data.text_length(data.records[int(i)].query_key) for i in plan[step])
+    items = [
+        train_item(
+            data,
+            data.records[int(plan[step, slot])],
+            spec,
+            seed=cfg.train.seed,
+            epoch=epoch,
+            key=key,
+            slot=slot,
+            need_negative=need_negative,
+        )
+        for slot in range(part.start, part.stop)
+    ]
+    return collate_shard(items, text_length)
 
 
 def _padded(frames: np.ndarray, length: int) -> np.ndarray:
@@ -144,12 +201,12 @@ def _padded(frames: np.ndarray, length: int) -> np.ndarray:
 
 
 def _mask(lengths: Tensor, size: int) -> Tensor:
-    return torch.arange(size)[None, :] < lengths[:, None]  # (n, size) True = valid
+    return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]  # (n, size) True = valid
 
 
-def pad_texts(texts: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
-    """List of (L_i, Dt) -> (B, Lq, Dt) zero-padded, (B, Lq) bool mask."""
-    lq = max(len(t) for t in texts)
+def pad_texts(texts: Sequence[np.ndarray], length: int = 0) -> tuple[Tensor, Tensor]:
+    """List of (L_i, Dt) -> (B, Lq, Dt) zero-padded, (B, Lq) bool mask; Lq = max(length, longest L_i)."""
+    lq = max(length, *(len(t) for t in texts))
     out = torch.zeros(len(texts), lq, texts[0].shape[1])
     for i, t in enumerate(texts):
         out[i, : len(t)] = torch.from_numpy(np.asarray(t))
@@ -157,76 +214,103 @@ def pad_texts(texts: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
     return out, _mask(lengths, lq)
 
 
-def collate_train(items: Sequence[dict[str, np.ndarray]], negatives: str) -> dict[str, Tensor]:
-    """Stack items into a model batch and lay out the (query, window) pairs for the chosen negatives.
+SHARD_FIELDS = ("video", "video_len", "window_key", "text", "text_mask", "text_key", "span_cw", "in_frame", "out_frame")
+OPTIONAL_SHARD_FIELDS = ("neg_video", "neg_len", "neg_key", "sentence")
 
-    Windows: [B positive windows; then the same-video negative windows (same_video / both)].
+
+def collate_shard(items: Sequence[dict[str, np.ndarray]], text_length: int = 0) -> dict[str, Tensor]:
+    """Stack a rank's items (its B_r queries of one global step) into tensors; pairs are built later
+    (:func:`assemble_step`), once the step's other windows are known.
+
+    Fields: video (B_r, Lv, Dv) positive windows, video_len (B_r,), window_key (B_r,), text (B_r, Lq, Dt) with
+    text_mask (B_r, Lq), text_key (B_r,), span_cw (B_r, 2), in_frame / out_frame (B_r,); with same-video negatives
+    neg_video (B_r, Lv, Dv), neg_len (B_r,) (0 = none) and neg_key (B_r,); sentence (B_r, Dv) when the dataset has
+    sentence features.  Texts are padded to at least ``text_length`` tokens.
+    """
+    text, text_mask = pad_texts([it["text"] for it in items], text_length)
+    out = {"text": text, "text_mask": text_mask}
+    for key in (*SHARD_FIELDS, *OPTIONAL_SHARD_FIELDS):
+        if key not in out and key in items[0]:
+            out[key] = torch.from_numpy(np.stack([np.asarray(it[key]) for it in items]))
+    return out
+
+
+Gather = Callable[[Tensor], Tensor]  # (B_r, ...) of this rank -> (B, ...) of all ranks in rank order
+
+
+def assemble_step(
+    shard: dict[str, Tensor],
+    negatives: str,
+    *,
+    offset: int = 0,
+    num_queries: int | None = None,
+    gather: Gather | None = None,
+) -> dict[str, Tensor]:
+    """A rank's part of a global step -> the model batch of pair sharding (schema: ``rgnet.model.rgnet``).
+
+    ``offset`` is the global slot of the rank's first query and ``num_queries`` the global B; ``gather`` collects
+    the positive windows (features, lengths, stream keys) of all ranks, in slot order (None: one rank holds the
+    whole batch).  Windows: [the B positive windows; then this rank's same-video negatives]; pairs: the rank's
+    queries with every positive window (in_batch / both) and with their own negative (same_video / both).
     """
     from rgnet.model import build_pairs
 
-    b = len(items)
-    video = torch.from_numpy(np.stack([it["video"] for it in items]))  # (B, Lv, Dv)
-    lengths = torch.tensor([int(it["video_len"]) for it in items])
-    neg_window = torch.full((b,), -1, dtype=torch.long)
+    b_r = shard["text"].shape[0]
+    b = b_r if num_queries is None else num_queries
+    video, lengths, window_key = shard["video"], shard["video_len"], shard.get("window_key")
+    if gather is not None and b != b_r:
+        video, lengths = gather(video), gather(lengths)
+        window_key = gather(window_key) if window_key is not None else None
+    neg_window = torch.full((b_r,), -1, dtype=torch.long)
     if negatives in ("same_video", "both"):
-        neg_lengths = torch.tensor([int(it["neg_len"]) for it in items])
-        has_neg = neg_lengths > 0
-        neg_video = torch.from_numpy(np.stack([it["neg_video"] for it in items]))[has_neg]
-        video = torch.cat([video, neg_video])  # (B + B', Lv, Dv)
-        lengths = torch.cat([lengths, neg_lengths[has_neg]])
+        has_neg = shard["neg_len"] > 0
+        video = torch.cat([video, shard["neg_video"][has_neg]])  # (B + B', Lv, Dv)
+        lengths = torch.cat([lengths, shard["neg_len"][has_neg]])
+        if window_key is not None:
+            window_key = torch.cat([window_key, shard["neg_key"][has_neg]])
         neg_window[has_neg] = b + torch.arange(int(has_neg.sum()))
-    text, text_mask = pad_texts([it["text"] for it in items])
-    pair_window, pair_text, positive_pair = build_pairs(b, negatives, neg_window)
+    pair_window, pair_text, positive_pair = build_pairs(b_r, negatives, neg_window, num_windows=b, offset=offset)
     batch = {
         "video": video,
         "video_mask": _mask(lengths, video.shape[1]),
-        "text": text,
-        "text_mask": text_mask,
-        "span_cw": torch.from_numpy(np.stack([it["span_cw"] for it in items])),
-        "in_frame": torch.tensor([int(it["in_frame"]) for it in items]),
-        "out_frame": torch.tensor([int(it["out_frame"]) for it in items]),
         "neg_window": neg_window,
         "pair_window": pair_window,
         "pair_text": pair_text,
         "positive_pair": positive_pair,
     }
-    if "sentence" in items[0]:
-        batch["sentence"] = torch.from_numpy(np.stack([it["sentence"] for it in items]))
+    if window_key is not None:
+        batch["window_key"] = window_key
+    for key in ("text", "text_mask", "text_key", "span_cw", "in_frame", "out_frame", "sentence"):
+        if key in shard:
+            batch[key] = shard[key]
     return batch
 
 
-class TrainBatches:
-    """Seeded, shuffled training batches for one epoch, read lazily from the feature stores (one process)."""
+def collate_train(items: Sequence[dict[str, np.ndarray]], negatives: str) -> dict[str, Tensor]:
+    """Items of one whole global batch -> its model batch (one rank): :func:`collate_shard` + :func:`assemble_step`."""
+    return assemble_step(collate_shard(items), negatives)
 
-    def __init__(self, data: SplitData, cfg: Config, *, rank: int = 0, world_size: int = 1) -> None:
+
+class TrainBatches:
+    """The epoch's global steps read in this one process (``rgnet train --local``): rank 0 of 1, each batch the
+    collated :func:`read_shard` of the whole global batch (``assemble_step`` makes the model batch)."""
+
+    def __init__(self, data: SplitData, cfg: Config) -> None:
         self.data = data
         self.cfg = cfg
         self.spec = WindowSpec.from_config(cfg, data.fps)
-        self.rank, self.world_size = rank, world_size
-        self.need_negative = cfg.loss.negatives in ("same_video", "both")
 
     def num_batches(self) -> int:
-        per_rank = len(self.data.records) // self.world_size
-        n = per_rank // self.cfg.train.batch_size  # the last partial batch is dropped (in-batch negatives need B)
-        if self.cfg.train.max_steps_per_epoch:
-            n = min(n, self.cfg.train.max_steps_per_epoch)
-        return n
+        return steps_per_epoch(len(self.data.records), self.cfg.train.batch_size, self.cfg.train.max_steps_per_epoch)
+
+    def plan(self, epoch: int) -> np.ndarray:
+        t = self.cfg.train
+        return epoch_plan(len(self.data.records), t.batch_size, t.seed, epoch, t.max_steps_per_epoch)
 
     def epoch(self, epoch: int) -> Iterator[dict[str, Tensor]]:
-        order = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(len(self.data.records))
-        order = order[self.rank :: self.world_size]
-        bs = self.cfg.train.batch_size
-        for i in range(self.num_batches()):
-            items = []
-            for j in order[i * bs : (i + 1) * bs]:
-                rec = self.data.records[int(j)]
-                rng = item_rng(self.cfg.train.seed, epoch, rec.query_id)
-                items.append(
-                    make_train_item(
-                        self.data, rec, self.spec, rng, seed=self.cfg.train.seed, need_negative=self.need_negative
-                    )
-                )
-            yield collate_train(items, self.cfg.loss.negatives)
+        plan = self.plan(epoch)
+        for step in range(len(plan)):
+            yield read_shard(self.data, self.spec, self.cfg, plan, epoch, step, 0, 1)
 
 
 @dataclass
@@ -243,7 +327,9 @@ class VideoItem:
     sentences: list[np.ndarray] | None  # (Dv,) per query when the dataset has sentence features
 
 
-def gather_windows(frames: Tensor, bounds: np.ndarray, length: int, which: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def gather_windows(
+    frames: Tensor, bounds: np.ndarray, length: int, which: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Windows ``which`` (default all) of a video: (T, Dv) -> (P', W, Dv) zero-padded and (P', W) bool mask.
 
     One index gather, no Python loop over windows; only the requested windows are materialised, so the caller

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from rgnet.config import ModelConfig
 from rgnet.model.embeddings import anchor_embedding
 from rgnet.model.encoder import Dropout, FeedForward, attend, merge_heads, split_heads, xavier_init_
+from rgnet.model.randomness import RowRandom
 
 INVERSE_SIGMOID_EPS = 1e-3
 
@@ -54,6 +55,7 @@ class AnchorDecoderLayer(nn.Module):
     same vector (the value bias) and attention returns that vector whatever the weights; the layer keeps only that
     learnable value and the output projection.  Same function as DAB-DETR without attention-probability dropout
     (with it, DAB would merely rescale that vector by noise), and no parameter is left without a gradient.
+    Key projections have no bias (it cancels in the softmax; see ``rgnet.model.encoder.AttentionBlock``).
     """
 
     def __init__(
@@ -70,8 +72,8 @@ class AnchorDecoderLayer(nn.Module):
         else:
             self.sa_q_content = nn.Linear(dim, dim)
             self.sa_q_pos = nn.Linear(dim, dim)
-            self.sa_k_content = nn.Linear(dim, dim)
-            self.sa_k_pos = nn.Linear(dim, dim)
+            self.sa_k_content = nn.Linear(dim, dim, bias=False)
+            self.sa_k_pos = nn.Linear(dim, dim, bias=False)
             self.sa_v = nn.Linear(dim, dim)
         self.sa_out = nn.Linear(dim, dim)
         self.drop1 = Dropout(dropout)
@@ -80,8 +82,8 @@ class AnchorDecoderLayer(nn.Module):
         self.ca_q_content = nn.Linear(dim, dim)
         self.ca_q_pos = nn.Linear(dim, dim)
         self.ca_q_sine = nn.Linear(dim, dim)
-        self.ca_k_content = nn.Linear(dim, dim)
-        self.ca_k_pos = nn.Linear(dim, dim)
+        self.ca_k_content = nn.Linear(dim, dim, bias=False)
+        self.ca_k_pos = nn.Linear(dim, dim, bias=False)
         self.ca_v = nn.Linear(dim, dim)
         self.ca_out = nn.Linear(dim, dim)
         self.drop2 = Dropout(dropout)
@@ -91,9 +93,17 @@ class AnchorDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(
-        self, tgt: Tensor, query_pos: Tensor, query_sine: Tensor, memory: Tensor, memory_pos: Tensor, key_mask: Tensor
+        self,
+        tgt: Tensor,
+        query_pos: Tensor,
+        query_sine: Tensor,
+        memory: Tensor,
+        memory_pos: Tensor,
+        key_mask: Tensor,
+        rng: RowRandom | None = None,
     ) -> Tensor:
-        """tgt, query_pos, query_sine (M, Q, D); memory, memory_pos (M, Lv, D); key_mask (M, 1, 1, Lv) bool."""
+        """tgt, query_pos, query_sine (M, Q, D); memory, memory_pos (M, Lv, D); key_mask (M, 1, 1, Lv) bool;
+        ``rng`` the M pairs' keyed streams (dropout), or None for the global generator."""
         h = self.heads
         p = self.attention_dropout if self.training else 0.0
         if self.first:
@@ -102,16 +112,16 @@ class AnchorDecoderLayer(nn.Module):
             q = split_heads(self.sa_q_content(tgt) + self.sa_q_pos(query_pos), h)  # (M, H, Q, D/H)
             k = split_heads(self.sa_k_content(tgt) + self.sa_k_pos(query_pos), h)
             v = split_heads(self.sa_v(tgt), h)
-            attn = merge_heads(attend(q, k, v, None, p))
-        tgt = self.norm1(tgt + self.drop1(self.sa_out(attn)))
+            attn = merge_heads(attend(q, k, v, None, p, rng))
+        tgt = self.norm1(tgt + self.drop1(self.sa_out(attn), rng))
 
         key_pos = self.ca_k_pos(memory_pos)  # (M, Lv, D)
         q_content = split_heads(self.ca_q_content(tgt) + self.ca_q_pos(query_pos), h)  # (M, H, Q, D/H)
         q = torch.cat([q_content, split_heads(self.ca_q_sine(query_sine), h)], dim=-1)  # (M, H, Q, 2D/H)
         k = torch.cat([split_heads(self.ca_k_content(memory) + key_pos, h), split_heads(key_pos, h)], dim=-1)
         v = split_heads(self.ca_v(memory), h)  # (M, H, Lv, D/H)
-        tgt = self.norm2(tgt + self.drop2(self.ca_out(merge_heads(attend(q, k, v, key_mask, p)))))
-        return self.norm3(tgt + self.drop3(self.ffn(tgt)))
+        tgt = self.norm2(tgt + self.drop2(self.ca_out(merge_heads(attend(q, k, v, key_mask, p, rng))), rng))
+        return self.norm3(tgt + self.drop3(self.ffn(tgt, rng), rng))
 
 
 class AnchorDecoder(nn.Module):
@@ -133,8 +143,11 @@ class AnchorDecoder(nn.Module):
         xavier_init_(self)
         self.anchors = nn.Embedding(cfg.num_queries, 2)  # (c, w) before the sigmoid; default N(0, 1) init
 
-    def forward(self, memory: Tensor, memory_pos: Tensor, memory_valid: Tensor) -> tuple[Tensor, Tensor]:
-        """memory, memory_pos (M, Lv, D); memory_valid (M, Lv) bool (padding only; the gate is not used).
+    def forward(
+        self, memory: Tensor, memory_pos: Tensor, memory_valid: Tensor, rng: RowRandom | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """memory, memory_pos (M, Lv, D); memory_valid (M, Lv) bool (padding only; the gate is not used); ``rng``
+        the M pairs' keyed streams (dropout) or None.
 
         Returns states (L, M, Q, D) after the shared norm, and the anchors (L, M, Q, 2) in [0, 1] that entered each
         layer (layer 1: sigmoid of the learned anchors; later: the refined anchor, not detached).
@@ -153,7 +166,7 @@ class AnchorDecoder(nn.Module):
                 sine = sine * self.query_scale(tgt)
             width = ref[..., 1:].clamp(min=INVERSE_SIGMOID_EPS)  # (M, Q, 1)
             sine = sine * (torch.sigmoid(self.ref_width_head(tgt)) / width)
-            tgt = layer(tgt, query_pos, sine, memory, memory_pos, key_mask)
+            tgt = layer(tgt, query_pos, sine, memory, memory_pos, key_mask, rng)
             states.append(self.norm(tgt))
             refs.append(ref_out)
             if i < len(self.refine):

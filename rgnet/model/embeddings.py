@@ -10,6 +10,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from rgnet.model.encoder import Dropout
+from rgnet.model.randomness import RowRandom
+
 
 class InputProjection(nn.Sequential):
     """Features -> D: [LayerNorm -> Dropout -> Linear -> ReLU] then [LayerNorm -> Dropout -> Linear].
@@ -21,13 +24,19 @@ class InputProjection(nn.Sequential):
     def __init__(self, in_dim: int, hidden_dim: int, dropout: float) -> None:
         super().__init__(
             nn.LayerNorm(in_dim),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Linear(in_dim, hidden_dim),
             nn.ReLU(),
             nn.LayerNorm(hidden_dim),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Linear(hidden_dim, hidden_dim),
         )
+
+    def forward(self, x: Tensor, rng: RowRandom | None = None) -> Tensor:
+        """(R, L, in_dim) -> (R, L, D); ``rng`` the R rows' keyed streams for the dropouts (None: global)."""
+        for module in self:
+            x = module(x, rng) if isinstance(module, Dropout) else module(x)
+        return x
 
 
 def sine_embedding(x: Tensor, dim: int, temperature: float) -> Tensor:

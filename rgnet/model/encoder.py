@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rgnet.config import ModelConfig
+from rgnet.model.randomness import RowRandom
 from rgnet.model.sampler import GumbelSampler
 
 
@@ -43,27 +44,42 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(n, length, heads * dim)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float) -> Tensor:
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float, rng: RowRandom | None = None
+) -> Tensor:
     """Fused attention on split heads; ``mask`` is bool (True = attend) or float (added to the logits).
 
     The scale is 1/sqrt(head dim of q), which also holds for the decoder's concatenated [content; position] heads.
+    Attention-probability dropout with keyed rows (``rng``, one stream per row of q's first dim) cannot use the fused
+    kernel's internal generator, so it takes the explicit path: softmax, keyed dropout mask, then the value product.
     """
     if mask is not None and mask.is_floating_point():
         mask = mask.to(q.dtype)  # SDPA wants a float mask in the query's dtype (matters under autocast)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    if dropout == 0.0 or rng is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (N, H, Lq, Lk)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    weights = Dropout.apply_keyed(torch.softmax(logits, dim=-1), dropout, rng)
+    return weights @ v
 
 
-def _drop_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[Tensor, float]:
+def _drop_mask(shape: torch.Size, p: float, device: torch.device, rng: RowRandom | None = None) -> tuple[Tensor, float]:
     """A Bernoulli(p) *drop* mask drawn from raw random bits (16 per element), and the rescaling of kept units.
+
+    The bits come from torch's global generator, or, with ``rng``, from each row's keyed stream (rows along the
+    first dimension; see rgnet.model.randomness).
 
     Why: on CPU, ``bernoulli_`` (what ``F.dropout`` uses) is several times slower than drawing raw 64-bit words,
     and dropout masks over the (N, Lv, ffn_dim) FFN activations were the largest cost of a training step.  p is
     rounded to a multiple of 1/65536 and the scale uses that rounded p, so the expectation is kept exactly.  Masks
     are applied with masked_fill / where (a bool operand of mul would first be converted to float: one more pass).
     """
+    drop = round(p * 65536)
+    if rng is not None:
+        return rng.bits16(shape, device) < drop - 32768, 65536 / (65536 - drop)
     n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)  # full 64-bit range
-    drop = round(p * 65536)
     mask = words.view(torch.int16)[:n].view(shape) < drop - 32768
     return mask, 65536 / (65536 - drop)
 
@@ -72,16 +88,16 @@ class _Dropout(torch.autograd.Function):
     """Dropout that saves only the bool mask (the memory of ``F.dropout``, a faster mask)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, p: float) -> Tensor:
-        drop, scale = _drop_mask(x.shape, p, x.device)
+    def forward(ctx: Any, x: Tensor, p: float, rng: RowRandom | None) -> Tensor:
+        drop, scale = _drop_mask(x.shape, p, x.device, rng)
         ctx.save_for_backward(drop)
         ctx.scale = scale
         return x.masked_fill(drop, 0.0).mul_(scale)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (drop,) = ctx.saved_tensors
-        return grad.masked_fill(drop, 0.0).mul_(ctx.scale), None
+        return grad.masked_fill(drop, 0.0).mul_(ctx.scale), None, None
 
 
 class _ReluDropout(torch.autograd.Function):
@@ -92,8 +108,8 @@ class _ReluDropout(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, p: float) -> Tensor:
-        drop, scale = _drop_mask(x.shape, p, x.device)
+    def forward(ctx: Any, x: Tensor, p: float, rng: RowRandom | None) -> Tensor:
+        drop, scale = _drop_mask(x.shape, p, x.device, rng)
         ctx.mark_dirty(x)
         out = x.relu_().masked_fill_(drop, 0.0).mul_(scale)
         ctx.save_for_backward(out)
@@ -101,13 +117,14 @@ class _ReluDropout(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (out,) = ctx.saved_tensors
-        return torch.where(out > 0, grad, 0.0).mul_(ctx.scale), None
+        return torch.where(out > 0, grad, 0.0).mul_(ctx.scale), None, None
 
 
 class Dropout(nn.Module):
-    """Drop-in for ``nn.Dropout`` with the faster mask of :func:`_drop_mask`."""
+    """Drop-in for ``nn.Dropout`` with the faster mask of :func:`_drop_mask`; ``rng`` draws each row's mask from
+    its keyed stream."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
@@ -115,10 +132,14 @@ class Dropout(nn.Module):
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p = p
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rng: RowRandom | None = None) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        return _Dropout.apply(x, self.p)
+        return self.apply_keyed(x, self.p, rng)
+
+    @staticmethod
+    def apply_keyed(x: Tensor, p: float, rng: RowRandom | None) -> Tensor:
+        return cast(Tensor, _Dropout.apply(x, p, rng))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -133,12 +154,12 @@ class FeedForward(nn.Module):
         self.linear2 = nn.Linear(ffn_dim, dim)
         self.p = dropout
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rng: RowRandom | None = None) -> Tensor:
         # 2-D matmuls: the hidden activation is then a plain tensor, not a view, so the in-place fused
-        # ReLU-dropout costs autograd no CopySlices copy
+        # ReLU-dropout costs autograd no CopySlices copy; rows of one keyed row of x stay contiguous
         hidden = self.linear1(x.reshape(-1, x.shape[-1]))  # (rows, F)
         if self.training and self.p > 0.0:
-            hidden = _ReluDropout.apply(hidden, self.p)
+            hidden = _ReluDropout.apply(hidden, self.p, rng)
         else:
             hidden = hidden.relu_()  # in place: addmm does not save its output, so autograd allows it
         return self.linear2(hidden).view(*x.shape[:-1], -1)
@@ -155,14 +176,19 @@ def xavier_init_(module: nn.Module) -> None:
 # Eq. 1: text-to-video cross-attention
 # ---------------------------------------------------------------------------------------------------------------
 class AttentionBlock(nn.Module):
-    """The parameters every encoder layer has: q/k/v/out projections, two LayerNorms, an FFN, dropouts."""
+    """The parameters every encoder layer has: q/k/v/out projections, two LayerNorms, an FFN, dropouts.
+
+    The key projection has no bias: a key bias adds q . b_k to every logit of a query row, which the softmax cancels,
+    so it never changes the output and its gradient is zero up to rounding noise (nn.MultiheadAttention's stacked
+    in-projection carries one; an imported checkpoint's is dropped, see rgnet.released).
+    """
 
     def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, attention_dropout: float) -> None:
         super().__init__()
         self.heads = heads
         self.attention_dropout = attention_dropout
         self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
         self.drop_attn = Dropout(dropout)
@@ -183,12 +209,16 @@ class CrossAttentionLayer(AttentionBlock):
         """(B, Lq, D) -> keys, values (B, H, Lq, D/H); done once per distinct query, gathered per pair."""
         return split_heads(self.k_proj(text), self.heads), split_heads(self.v_proj(text), self.heads)
 
-    def forward(self, frames: Tensor, pos: Tensor, keys: Tensor, values: Tensor, key_mask: Tensor) -> Tensor:
-        """frames, pos (N, Lv, D); keys, values (N, H, Lq, D/H); key_mask (N, 1, 1, Lq) bool -> (N, Lv, D)."""
+    def forward(
+        self, frames: Tensor, pos: Tensor, keys: Tensor, values: Tensor, key_mask: Tensor, rng: RowRandom | None = None
+    ) -> Tensor:
+        """frames, pos (N, Lv, D); keys, values (N, H, Lq, D/H); key_mask (N, 1, 1, Lq) bool -> (N, Lv, D).
+
+        ``rng``: the N pairs' keyed streams (dropout); None draws from the global generator."""
         q = split_heads(self.q_proj(frames + pos), self.heads)  # (N, H, Lv, D/H)
-        attn = merge_heads(attend(q, keys, values, key_mask, self.attention_dropout if self.training else 0.0))
-        u = frames + self.drop_attn(self.out_proj(attn))
-        return self.norm2(u + self.drop_ffn(self.ffn(self.norm1(u))))
+        attn = merge_heads(attend(q, keys, values, key_mask, self.attention_dropout if self.training else 0.0, rng))
+        u = frames + self.drop_attn(self.out_proj(attn), rng)
+        return self.norm2(u + self.drop_ffn(self.ffn(self.norm1(u), rng), rng))
 
 
 class TextConditioning(nn.Module):
@@ -205,14 +235,23 @@ class TextConditioning(nn.Module):
             for _ in range(cfg.cross_layers)
         )
 
-    def forward(self, frames: Tensor, pos: Tensor, text: Tensor, text_mask: Tensor, text_index: Tensor) -> Tensor:
+    def forward(
+        self,
+        frames: Tensor,
+        pos: Tensor,
+        text: Tensor,
+        text_mask: Tensor,
+        text_index: Tensor,
+        rng: RowRandom | None = None,
+    ) -> Tensor:
         """frames, pos (N, Lv, D); text (B, Lq, D); text_mask (B, Lq) bool; text_index (N,) -> (N, Lv, D)."""
         # a query without any valid word (never produced by the data pipeline) attends to all its padding, not NaN
         text_mask = text_mask | ~text_mask.any(dim=-1, keepdim=True)
         key_mask = text_mask.index_select(0, text_index)[:, None, None, :]  # (N, 1, 1, Lq)
         for layer in cast(list[CrossAttentionLayer], self.layers):
             keys, values = layer.project_text(text)  # (B, H, Lq, D/H)
-            frames = layer(frames, pos, keys.index_select(0, text_index), values.index_select(0, text_index), key_mask)
+            keys, values = keys.index_select(0, text_index), values.index_select(0, text_index)
+            frames = layer(frames, pos, keys, values, key_mask, rng)
         return frames
 
 
@@ -222,7 +261,14 @@ class TextConditioning(nn.Module):
 class SelfAttentionLayer(AttentionBlock):
     """Post-norm self-attention layer: positions on queries and keys (not values), then FFN."""
 
-    def forward(self, x: Tensor, pos: Tensor, mask: Tensor | None, self_only: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        pos: Tensor,
+        mask: Tensor | None,
+        self_only: Tensor | None = None,
+        rng: RowRandom | None = None,
+    ) -> Tensor:
         """x, pos (N, L, D); mask broadcastable to (N, H, L, L), bool or additive float, or None -> (N, L, D).
 
         ``self_only`` (N, L) bool marks rows that attend to their own key only: their attention output is their
@@ -235,11 +281,11 @@ class SelfAttentionLayer(AttentionBlock):
         k = split_heads(self.k_proj(qk_in), self.heads)
         value = self.v_proj(x)  # (N, L, D)
         v = split_heads(value, self.heads)
-        attn = merge_heads(attend(q, k, v, mask, self.attention_dropout if self.training else 0.0))
+        attn = merge_heads(attend(q, k, v, mask, self.attention_dropout if self.training else 0.0, rng))
         if self_only is not None:
             attn = torch.where(self_only[..., None], value, attn)  # softmax over one key = that key's value
-        x = self.norm1(x + self.drop_attn(self.out_proj(attn)))
-        return self.norm2(x + self.drop_ffn(self.ffn(x)))
+        x = self.norm1(x + self.drop_attn(self.out_proj(attn), rng))
+        return self.norm2(x + self.drop_ffn(self.ffn(x, rng), rng))
 
 
 MaskMode = Literal["hard", "additive", "none"]
@@ -319,13 +365,21 @@ class RGEncoder(nn.Module):
         self.token_pos = nn.Parameter(torch.randn(d))
 
     def forward(
-        self, frames: Tensor, pos: Tensor, frame_valid: Tensor, text: Tensor, text_mask: Tensor, text_index: Tensor
+        self,
+        frames: Tensor,
+        pos: Tensor,
+        frame_valid: Tensor,
+        text: Tensor,
+        text_mask: Tensor,
+        text_index: Tensor,
+        rng: RowRandom | None = None,
     ) -> EncoderState:
-        """frames, pos (N, Lv, D); frame_valid (N, Lv); text (B, Lq, D); text_mask (B, Lq); text_index (N,)."""
+        """frames, pos (N, Lv, D); frame_valid (N, Lv); text (B, Lq, D); text_mask (B, Lq); text_index (N,);
+        ``rng`` the N pairs' keyed streams (dropout, Gumbel noise), or None for the global generator."""
         n, _, d = frames.shape
-        frames = self.cross(frames, pos, text, text_mask, text_index)  # (N, Lv, D)
+        frames = self.cross(frames, pos, text, text_mask, text_index, rng)  # (N, Lv, D)
         if self.sampler is not None:
-            frame_logit, gate = self.sampler(frames)  # (N, Lv) each
+            frame_logit, gate = self.sampler(frames, rng=rng)  # (N, Lv) each
         else:
             frame_logit, gate = frames.new_zeros(frames.shape[:2]), frames.new_ones(frames.shape[:2])
         self_only: Tensor | None = None
@@ -336,7 +390,7 @@ class RGEncoder(nn.Module):
         x = torch.cat([self.token.to(frames.dtype).expand(n, 1, d), frames], dim=1)  # (N, 1+Lv, D)
         x_pos = torch.cat([self.token_pos.to(pos.dtype).expand(n, 1, d), pos], dim=1)  # (N, 1+Lv, D)
         for layer in self.layers:
-            x = layer(x, x_pos, mask, self_only)
+            x = layer(x, x_pos, mask, self_only, rng)
         context, content = x[:, 0], x[:, 1:]  # r (N, D), c (N, Lv, D)
         proposal = content + gate[..., None].to(content.dtype) * context[:, None, :]  # Eq. 5: P = c + g * r
         return EncoderState(proposal, context, frame_logit, gate)
@@ -355,14 +409,21 @@ class PlainEncoder(nn.Module):
         xavier_init_(self)
 
     def forward(
-        self, frames: Tensor, pos: Tensor, frame_valid: Tensor, text: Tensor, text_mask: Tensor, text_index: Tensor
+        self,
+        frames: Tensor,
+        pos: Tensor,
+        frame_valid: Tensor,
+        text: Tensor,
+        text_mask: Tensor,
+        text_index: Tensor,
+        rng: RowRandom | None = None,
     ) -> EncoderState:
-        frames = self.cross(frames, pos, text, text_mask, text_index)  # (N, Lv, D)
+        frames = self.cross(frames, pos, text, text_mask, text_index, rng)  # (N, Lv, D)
         # padding mask only; a window without any valid frame (never produced by the data) attends to all, not NaN
         key_valid = frame_valid | ~frame_valid.any(dim=-1, keepdim=True)
         mask = None if bool(key_valid.all()) else key_valid[:, None, None, :]  # (N, 1, 1, Lv); None: fastest kernel
         for layer in self.layers:
-            frames = layer(frames, pos, mask)
+            frames = layer(frames, pos, mask, None, rng)
         weight = frame_valid.to(frames.dtype)[..., None]  # (N, Lv, 1)
         pooled = (frames * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)  # (N, D)
         ones = frames.new_ones(frames.shape[:2])

@@ -14,6 +14,8 @@ Batch schema (what ``forward`` reads; built by ``rgnet.data.samples.collate_trai
     pair_text    (N,) long
     positive_pair (B,) long         index into N of query b's positive pair (query b, window b)
     sentence     (B, Dv) float      optional; sentence features in the video tower's space (retrieval="none" only)
+    window_key   (W,) long          optional; keys of the windows' random streams (rgnet.model.randomness): with
+    text_key     (B,) long          them, training draws (dropout, Gumbel noise) depend only on the keys
 
 Output schema (``forward``)::
 
@@ -50,6 +52,7 @@ from rgnet.config import ModelConfig
 from rgnet.model.decoder import MLP, AnchorDecoder, inverse_sigmoid
 from rgnet.model.embeddings import InputProjection, video_positions
 from rgnet.model.encoder import PlainEncoder, RGEncoder
+from rgnet.model.randomness import BatchRandom, RowRandom
 
 
 class EncoderOutput(NamedTuple):
@@ -71,32 +74,38 @@ class DecoderOutput(NamedTuple):
     spans_cw: Tensor  # (L, M, Q, 2) (center, width) in [0, 1] relative to the window's valid length
 
 
-def build_pairs(batch_size: int, negatives: str, neg_window: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Lay out the (query, window) pairs of a training batch.
+def build_pairs(
+    num_queries: int, negatives: str, neg_window: Tensor | None, *, num_windows: int | None = None, offset: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Lay out the (query, window) pairs of a training batch (or of one rank's part of it, see
+    ``rgnet.data.samples.assemble_step``).
 
-    Windows are [B positive windows (window b belongs to query b); then optional same-video negative windows];
-    ``neg_window`` (B,) long holds query b's negative window index (>= B) or -1 (None = no negatives).
-    - in_batch: all B x B pairs, pair q * B + w = (query q, window w) (the released code's layout).
-    - same_video: (q, q) for every q, then (q, neg_window[q]) for the queries that have one.
-    - both: the B x B pairs, then (q, neg_window[q]).
+    Windows are [``num_windows`` positive windows (default ``num_queries``); then optional same-video negative
+    windows]; local query b's positive window is ``offset + b`` (offset: its slot in the global batch);
+    ``neg_window`` (B,) long holds query b's negative window index (>= num_windows) or -1 (None = no negatives).
+    - in_batch: query b with every positive window, pair b * num_windows + w (the released code's layout).
+    - same_video: (b, offset + b) for every b, then (b, neg_window[b]) for the queries that have one.
+    - both: the in_batch pairs, then (b, neg_window[b]).
     Returns pair_window (N,), pair_text (N,), positive_pair (B,) (index into N of query b's positive pair).
     """
-    b = batch_size
+    b = num_queries
+    w = num_queries if num_windows is None else num_windows
     device = neg_window.device if neg_window is not None else torch.device("cpu")
     queries = torch.arange(b, device=device)
+    own = queries + offset  # each query's positive window
     if neg_window is None:
         neg_window = torch.full((b,), -1, dtype=torch.long, device=device)
     has_neg = neg_window >= 0
     if negatives == "in_batch":
-        return queries.repeat(b), queries.repeat_interleave(b), queries * (b + 1)
+        return torch.arange(w, device=device).repeat(b), queries.repeat_interleave(w), queries * w + own
     if negatives == "same_video":
-        pair_window = torch.cat([queries, neg_window[has_neg]])
+        pair_window = torch.cat([own, neg_window[has_neg]])
         pair_text = torch.cat([queries, queries[has_neg]])
         return pair_window, pair_text, queries.clone()
     if negatives == "both":
-        pair_window = torch.cat([queries.repeat(b), neg_window[has_neg]])
-        pair_text = torch.cat([queries.repeat_interleave(b), queries[has_neg]])
-        return pair_window, pair_text, queries * (b + 1)
+        pair_window = torch.cat([torch.arange(w, device=device).repeat(b), neg_window[has_neg]])
+        pair_text = torch.cat([queries.repeat_interleave(w), queries[has_neg]])
+        return pair_window, pair_text, queries * w + own
     raise ValueError(f"loss.negatives={negatives!r} is not one of in_batch, same_video, both")
 
 
@@ -129,8 +138,13 @@ class RGNet(nn.Module):
         self.video_proj = InputProjection(video_dim, d, cfg.input_dropout)
         self.text_proj = InputProjection(text_dim, d, cfg.input_dropout)
         self.encoder: RGEncoder | PlainEncoder = RGEncoder(cfg) if cfg.encoder == "rg" else PlainEncoder(cfg)
-        # context score (Sec. 3.3); frozen ranking (retrieval=none) has no head, so no parameter lacks a gradient
-        self.context_head = nn.Linear(d, 1) if cfg.retrieval == "context" else None
+        # context score (Sec. 3.3); frozen ranking (retrieval=none) has no head, so no parameter lacks a gradient.
+        # No trainable bias: InfoNCE is invariant to a shift of all logits of a row (and of a column), so a bias would
+        # get a zero gradient (rounding noise only).  A fixed ``context_bias`` (0; an imported released checkpoint's
+        # trained value) still enters sigmoid(s_ctx), the factor of the moment score.
+        self.context_head = nn.Linear(d, 1, bias=False) if cfg.retrieval == "context" else None
+        self.context_bias: Tensor
+        self.register_buffer("context_bias", torch.zeros(()))
         # W1 of Eq. 7 without b1: <b1, W2 r + b2> is the same for every frame of a pair, so the hinge (a difference
         # of two frames' scores) cancels it and b1 would never get a gradient (it stays at its init when released)
         self.sampling_frame_proj = nn.Linear(d, d, bias=False)
@@ -138,6 +152,7 @@ class RGNet(nn.Module):
         self.decoder = AnchorDecoder(cfg)
         self.class_head = nn.Linear(d, 2)  # index 0 = foreground, 1 = background
         self.span_head = MLP(d, d, 2, 3)  # offset to the anchor, in inverse-sigmoid space
+        self._register_load_state_dict_pre_hook(_upgrade_state_dict)
 
     def encode(
         self,
@@ -148,25 +163,28 @@ class RGNet(nn.Module):
         window_index: Tensor,
         text_index: Tensor,
         sentence: Tensor | None = None,
+        randomness: BatchRandom | None = None,
     ) -> EncoderOutput:
         """Encode N pairs (window_index[n], text_index[n]) of W distinct windows and B distinct queries.
 
         Each window and each query is projected once, then gathered per pair.  ``sentence`` (B, Dv) is needed only
-        for retrieval="none".
+        for retrieval="none".  ``randomness``: keyed streams of the windows, queries and pairs (training only).
         """
         if self.context_head is None and sentence is None:
             raise ValueError(
                 "model.retrieval=none ranks windows by frozen-feature similarity and needs sentence features; "
                 "set data.sentence_features (or use model.retrieval=context)"
             )
-        frames = self.video_proj(video)  # (W, Lv, D)
+        rng = randomness if self.training else None
+        frames = self.video_proj(video, rng.windows if rng else None)  # (W, Lv, D)
         pos = video_positions(video_mask, self.cfg.hidden_dim, self.cfg.pos_temperature).to(frames.dtype)
-        words = self.text_proj(text)  # (B, Lq, D)
+        words = self.text_proj(text, rng.texts if rng else None)  # (B, Lq, D)
         pair_pos = pos.index_select(0, window_index)  # (N, Lv, D)
         pair_mask = video_mask.index_select(0, window_index)  # (N, Lv)
-        state = self.encoder(frames.index_select(0, window_index), pair_pos, pair_mask, words, text_mask, text_index)
+        pair_frames = frames.index_select(0, window_index)  # (N, Lv, D)
+        state = self.encoder(pair_frames, pair_pos, pair_mask, words, text_mask, text_index, rng.pairs if rng else None)
         if self.context_head is not None:
-            context_logit = self.context_head(state.context).squeeze(-1)  # (N,)
+            context_logit = self.context_head(state.context).squeeze(-1) + self.context_bias  # (N,)
         else:
             assert sentence is not None
             context_logit = frozen_context_logit(video, video_mask, sentence, window_index, text_index)
@@ -184,18 +202,20 @@ class RGNet(nn.Module):
             sampling_score=sampling,
         )
 
-    def decode(self, enc: EncoderOutput, select: Tensor | None = None) -> DecoderOutput:
-        """Ground the pairs ``select`` (M,) (None = all); reads only memory, memory_mask and pos."""
+    def decode(self, enc: EncoderOutput, select: Tensor | None = None, rng: RowRandom | None = None) -> DecoderOutput:
+        """Ground the pairs ``select`` (M,) (None = all); reads only memory, memory_mask and pos.  ``rng``: the M
+        selected pairs' keyed streams (training), continuing where the encoder left them."""
         memory, memory_mask, pos = enc.memory, enc.memory_mask, enc.pos
         if select is not None:
             memory, memory_mask, pos = memory[select], memory_mask[select], pos[select]
-        states, refs = self.decoder(memory, pos, memory_mask)  # (L, M, Q, D), (L, M, Q, 2)
+        states, refs = self.decoder(memory, pos, memory_mask, rng if self.training else None)  # (L,M,Q,D), (L,M,Q,2)
         logits = self.class_head(states)
         spans_cw = torch.sigmoid(self.span_head(states) + inverse_sigmoid(refs))
         return DecoderOutput(logits, spans_cw)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor | EncoderOutput | DecoderOutput]:
         """Training forward: encode every pair, decode the B positive pairs only (the others need no grounding)."""
+        randomness = BatchRandom.from_batch(batch, batch["video"].device) if self.training else None
         enc = self.encode(
             batch["video"],
             batch["video_mask"],
@@ -204,10 +224,25 @@ class RGNet(nn.Module):
             batch["pair_window"],
             batch["pair_text"],
             batch.get("sentence"),
+            randomness,
         )
-        dec = self.decode(enc, batch["positive_pair"])
+        positive = batch["positive_pair"]
+        dec = self.decode(enc, positive, randomness.pairs.select(positive) if randomness else None)
         learned = torch.tensor(self.context_head is not None, device=enc.context_logit.device)
         return {"encoder": enc, "decoder": dec, "learned_context": learned}
+
+
+_KEY_BIASES = (".k_proj.bias", ".sa_k_content.bias", ".sa_k_pos.bias", ".ca_k_content.bias", ".ca_k_pos.bias")
+
+
+def _upgrade_state_dict(state: dict[str, Tensor], prefix: str, *args: object) -> None:
+    """Load checkpoints written before the key projections and the context head lost their biases (same function):
+    attention key biases cancel in the softmax and are dropped; a context-head bias becomes ``context_bias``."""
+    for key in [k for k in state if k.startswith(prefix) and k.endswith(_KEY_BIASES)]:
+        del state[key]
+    old_bias = state.pop(prefix + "context_head.bias", None)
+    if prefix + "context_bias" not in state:
+        state[prefix + "context_bias"] = old_bias.reshape(()) if old_bias is not None else torch.zeros(())
 
 
 def build_model(cfg: ModelConfig, video_dim: int, text_dim: int) -> RGNet:

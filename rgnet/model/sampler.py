@@ -13,13 +13,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from rgnet.model.randomness import RowRandom
+
 _UNIFORM_EPS = 1e-6  # keeps log(u) and log(1 - u) finite
 
 
-def logistic_noise(shape: torch.Size, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Samples of log(u) - log(1 - u), u ~ U(0, 1) (the difference of two Gumbels)."""
-    u = torch.rand(shape, device=device, dtype=dtype).clamp(_UNIFORM_EPS, 1 - _UNIFORM_EPS)
-    return u.log() - (1 - u).log()
+def logistic_noise(
+    shape: torch.Size, device: torch.device, dtype: torch.dtype = torch.float32, rng: RowRandom | None = None
+) -> Tensor:
+    """Samples of log(u) - log(1 - u), u ~ U(0, 1) (the difference of two Gumbels); ``rng`` draws each row (first
+    dimension) from its keyed stream, else torch's global generator is used."""
+    u = torch.rand(shape, device=device) if rng is None else rng.uniform(shape, device)
+    u = u.clamp(_UNIFORM_EPS, 1 - _UNIFORM_EPS)  # drawn in fp32 whatever the compute dtype
+    return (u.log() - (1 - u).log()).to(dtype)
 
 
 def straight_through_gate(logit: Tensor, temperature: float, noise: Tensor) -> Tensor:
@@ -37,14 +43,17 @@ class GumbelSampler(nn.Module):
         self.relevance = nn.Linear(hidden_dim, 1)
         self.temperature = temperature
 
-    def forward(self, frames: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, frames: Tensor, noise: Tensor | None = None, rng: RowRandom | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(N, Lv, D) -> relevancy logit z (N, Lv), gate g (N, Lv).
 
-        ``noise`` (N, Lv) replaces the drawn logistic noise (tests use it to compare gradients).
+        ``noise`` (N, Lv) replaces the drawn logistic noise (tests use it to compare gradients); ``rng`` draws it
+        from the N pairs' keyed streams.
         """
         logit = self.relevance(frames).squeeze(-1)  # (N, Lv)
         if not self.training:
             return logit, (logit >= 0).to(logit.dtype)
         if noise is None:
-            noise = logistic_noise(logit.shape, logit.device, logit.dtype)
+            noise = logistic_noise(logit.shape, logit.device, logit.dtype, rng)
         return logit, straight_through_gate(logit, self.temperature, noise)

@@ -1,8 +1,14 @@
 """One training step, one epoch, one evaluation, and the epoch loop with resume, in plain PyTorch.
 
 Device-agnostic: CPU, or CUDA with bf16/fp16 autocast (fp16 adds a GradScaler).  The same loop runs in one local
-process (``rgnet train --local``) and inside every Ray Train worker (pipelines/train.py), which passes a wrapped
-(DDP) model, its data shard and an ``on_epoch_end`` hook that reports to Ray; this module knows nothing of Ray.
+process (``rgnet train --local``, :data:`~rgnet.train.distributed.SOLO`) and inside every Ray Train worker
+(pipelines/train_worker.py), which passes a wrapped (DDP) model, its part of every global step, the step group of
+its ranks and an ``on_epoch_end`` hook that reports to Ray; this module knows nothing of Ray.
+
+A step (:func:`train_step`) takes the rank's part of a global batch (``rgnet.data.samples.collate_shard``), builds
+the pair-sharded model batch (``assemble_step``, gathering the other ranks' positive windows), computes the rank's
+share of the global loss (``Criterion(..., shard)``) and backpropagates ``world x share``: DDP averages gradients over
+ranks, so the update is the gradient of the one-process loss.
 """
 
 from __future__ import annotations
@@ -20,10 +26,13 @@ from torch import Tensor, nn
 
 from rgnet.config import Config, OptimConfig
 from rgnet.data.dataset import SplitData
+from rgnet.data.samples import assemble_step, shard_slice
 from rgnet.eval.inference import predict_split
 from rgnet.eval.metrics import evaluate_with
 from rgnet.eval.predictions import PredictionRow
 from rgnet.model import Criterion
+from rgnet.model.criterion import QueryShard
+from rgnet.train.distributed import SOLO, StepGroup
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +44,17 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"train.device={name} but CUDA is not available here; use train.device=cpu or auto")
     return device
+
+
+def set_threads(threads: int, default: int) -> int:
+    """Fix this process's torch thread count (``train.threads``; 0 = ``default``) and return it.
+
+    Results depend on it (floating-point summation order), so it is set explicitly in every training process and
+    stated in the logs; two processes that must agree bit for bit need the same count.
+    """
+    n = threads if threads > 0 else max(1, default)
+    torch.set_num_threads(n)
+    return n
 
 
 def seed_everything(seed: int) -> None:
@@ -107,30 +127,43 @@ class EpochResult:
 def train_step(
     model: nn.Module,
     criterion: Criterion,
-    batch: dict[str, Tensor],
+    shard: dict[str, Tensor],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     cfg: Config,
     device: torch.device,
     scaler: torch.amp.GradScaler,
+    group: StepGroup = SOLO,
 ) -> dict[str, float]:
+    """One optimizer step on a global batch of which this rank holds ``shard``; returns the global batch's losses
+    (the same numbers on every rank, and the same as one process computing the whole batch) and its pair count."""
     model.train()
-    batch = to_device(batch, device)
+    b = cfg.train.batch_size
+    part = shard_slice(b, group.rank, group.world)
+    batch = assemble_step(
+        to_device(shard, device), cfg.loss.negatives, offset=part.start, num_queries=b, gather=group.gather
+    )
     with autocast_context(device, cfg.train.precision):
         out = model(batch)
-    losses = criterion(out, batch)  # losses in fp32 (outside autocast)
-    loss = losses["loss"]
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {loss.item()} ({ {k: float(v) for k, v in losses.items()} })")
+    gather = group.gather_grad if group.world > 1 else None
+    shares = criterion(out, batch, QueryShard(part.start, b, gather))  # losses in fp32 (outside autocast)
+    names = sorted(k for k in shares if k != "loss")
+    local = torch.stack([shares["loss"].detach(), *(shares[k] for k in names)]).float()
+    pairs = torch.tensor([float(batch["pair_window"].numel())], device=local.device)
+    totals = group.sum(torch.cat([local, pairs])).tolist()  # global losses, identical on every rank
+    losses = {"loss": totals[0], **dict(zip(names, totals[1:-1]))}
+    if not math.isfinite(losses["loss"]):  # decided on the global value: every rank raises, none waits
+        raise FloatingPointError(f"non-finite loss {losses['loss']} ({losses})")
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    # DDP averages gradients over the ranks; the shares add up to the loss, so each rank backpropagates world x share
+    scaler.scale(shares["loss"] * group.world).backward()
     if cfg.optim.grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
-    return {k: float(v.detach()) for k, v in losses.items()}
+    return {**losses, "pairs": totals[-1]}
 
 
 def train_epoch(
@@ -147,9 +180,13 @@ def train_epoch(
     *,
     progress: bool = False,
     desc: str = "train",
+    group: StepGroup = SOLO,
 ) -> dict[str, float]:
+    """One epoch; returns the mean losses of its steps, the lr, the global throughput (queries and pairs per
+    second of the whole group) and where the time went: ``data_wait_s`` waiting for batches, ``seconds`` in all."""
     sums: dict[str, float] = {}
     pairs = queries = steps = 0
+    data_wait = 0.0
     t0 = time.perf_counter()
     it: Iterator[dict[str, Tensor]] = iter(batches)
     bar = None
@@ -157,12 +194,17 @@ def train_epoch(
         from tqdm import tqdm
 
         bar = tqdm(total=num_batches, desc=desc, unit="step", leave=False, dynamic_ncols=True)
-    for batch in it:
-        losses = train_step(model, criterion, batch, optimizer, scheduler, cfg, device, scaler)
+    while True:
+        t_wait = time.perf_counter()
+        batch = next(it, None)
+        data_wait += time.perf_counter() - t_wait
+        if batch is None:
+            break
+        losses = train_step(model, criterion, batch, optimizer, scheduler, cfg, device, scaler, group)
         state.global_step += 1
         steps += 1
-        pairs += int(batch["pair_window"].numel())
-        queries += int(batch["text"].shape[0])
+        pairs += int(losses.pop("pairs"))
+        queries += cfg.train.batch_size
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + v
         if bar is not None:
@@ -177,6 +219,7 @@ def train_epoch(
         lr=float(optimizer.param_groups[0]["lr"]),
         steps=float(steps),
         seconds=seconds,
+        data_wait_s=data_wait,
         queries_per_s=queries / max(seconds, 1e-9),
         pairs_per_s=pairs / max(seconds, 1e-9),
     )
@@ -184,15 +227,35 @@ def train_epoch(
 
 
 def evaluate_model(
-    model: nn.Module, data: SplitData, cfg: Config, device: torch.device, *, progress: bool = False
+    model: nn.Module,
+    data: SplitData,
+    cfg: Config,
+    device: torch.device,
+    *,
+    progress: bool = False,
+    group: StepGroup = SOLO,
 ) -> tuple[dict[str, Any], list[PredictionRow]]:
-    """Two-stage inference on a whole split and the metric report (same evaluator as ``rgnet evaluate``)."""
+    """Two-stage inference on a whole split and the metric report (same evaluator as ``rgnet evaluate``).
+
+    With several ranks each predicts every ``world``-th video (inference is per video and deterministic, so the rows
+    equal one process's) and every rank gets all rows (a collective: all ranks call it).  Rows are in the split's
+    record order.
+    """
     from rgnet.train.checkpoint import unwrap
 
     bare = unwrap(model)
     was_training = bare.training
-    rows = list(predict_split(bare, data, cfg, device, progress=progress))  # type: ignore[arg-type]
+    records = data.records
+    if group.world > 1:
+        videos = list(dict.fromkeys(r.video_key for r in data.records))
+        mine = set(videos[group.rank :: group.world])
+        records = [r for r in data.records if r.video_key in mine]
+    rows = list(predict_split(bare, data, cfg, device, records=records, progress=progress))  # type: ignore[arg-type]
     bare.train(was_training)
+    if group.world > 1:
+        rows = [row for part in group.gather_objects(rows) for row in part]
+    order = {r.query_id: i for i, r in enumerate(data.records)}
+    rows.sort(key=lambda row: order[row.query_id])
     return evaluate_with(rows, data.records, cfg.eval, f"{data.split} predictions"), rows
 
 
@@ -207,12 +270,13 @@ def fit(
     payload: dict[str, Any] | None = None,
     on_epoch_end: Callable[[EpochResult, TrainState, dict[str, Any]], None] | None = None,
     make_payload: Callable[..., dict[str, Any]] | None = None,
-    evaluate_here: bool = True,
+    group: StepGroup = SOLO,
 ) -> TrainState:
     """Train ``cfg.train.epochs`` epochs, validating every ``eval_every`` epochs, resuming from ``payload``.
 
-    ``train_batches(epoch)`` yields the epoch's batches (0-based epoch). ``on_epoch_end`` receives the epoch result,
-    the train state and a checkpoint payload, and decides what to keep (local files or a Ray checkpoint).
+    ``train_batches(epoch)`` yields this rank's parts of the epoch's global steps (0-based epoch; ``group`` the ranks
+    sharing them, every rank validates its share of the videos). ``on_epoch_end`` receives the epoch result, the
+    train state and a checkpoint payload, and decides what to keep (local files or a Ray checkpoint).
     """
     from rgnet.train import checkpoint as ckpt
 
@@ -252,13 +316,16 @@ def fit(
             state,
             progress=cfg.train.progress,
             desc=f"epoch {epoch + 1}/{total}",
+            group=group,
         )
         state.epoch = epoch + 1
         report = rows = None
         is_best = False
         due = state.epoch % max(cfg.train.eval_every, 1) == 0 or state.epoch == total
-        if val_data is not None and due and evaluate_here:
-            report, rows = evaluate_model(model, val_data, cfg, device, progress=cfg.train.progress)
+        if val_data is not None and due:
+            t_eval = time.perf_counter()
+            report, rows = evaluate_model(model, val_data, cfg, device, progress=cfg.train.progress, group=group)
+            train_metrics["eval_s"] = time.perf_counter() - t_eval
             value = report["metrics"].get(cfg.train.selection_metric)
             if value is None:
                 raise KeyError(
