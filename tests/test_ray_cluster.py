@@ -192,7 +192,9 @@ def test_jobs_on_two_nodes_interrupted_and_resubmitted(two_node_head: str, tmp_p
     )
     runtime_env = {
         "working_dir": str(REPO),
-        "excludes": ["data/", "runs/", "mlflow.db", "mlartifacts/", ".git/", "*.egg-info/", ".mypy_cache/"],
+        # anchored: an unanchored "data/" also drops rgnet/data/, which the driver then imports from wherever the
+        # package is installed (another checkout's copy, mixed with this one's)
+        "excludes": ["/data/", "/runs/", "mlflow.db", "mlartifacts/", ".git/", "*.egg-info/", ".mypy_cache/"],
         "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120"},
     }
     key = f"{tmp_path / 'ray_results'}/tiny-smoke"
