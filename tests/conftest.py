@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import secrets
 import socket
 from collections.abc import Callable, Iterator
@@ -98,6 +99,35 @@ def free_ports(
             s.close()
     _HANDED_OUT.update(chosen)
     return chosen
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Markers say what they promise (the fast tier is ``-m "not ray and not slow"``): a test that uses the session's
+    Ray is marked ``ray``, and a ``ray`` test is also ``slow`` (starting a Ray alone takes over 5 s here).
+
+    ``gpu`` tests run only when asked for: by an ``-m`` expression that names the marker (``-m gpu``; ``-m "not
+    gpu"`` names it to leave them out) or by naming their file or test on the command line.  A plain ``pytest`` or
+    the fast tier on a CPU machine does not pick them; a run that asks for them on a machine without CUDA fails
+    (tests/test_gpu.py says why).
+    """
+    if not re.search(r"\bgpu\b", config.getoption("markexpr", "") or ""):
+        named = {Path(arg.split("::")[0]).resolve() for arg in config.args if not Path(arg.split("::")[0]).is_dir()}
+        unasked = [item for item in items if item.get_closest_marker("gpu") is not None and item.path not in named]
+        if unasked:
+            config.hook.pytest_deselected(items=unasked)
+            items[:] = [item for item in items if item not in unasked]
+    wrong = [
+        f"{item.nodeid}: uses ray_session but is not marked ray"
+        for item in items
+        if "ray_session" in getattr(item, "fixturenames", ()) and item.get_closest_marker("ray") is None
+    ]
+    wrong += [
+        f"{item.nodeid}: marked ray but not slow"
+        for item in items
+        if item.get_closest_marker("ray") is not None and item.get_closest_marker("slow") is None
+    ]
+    if wrong:
+        raise pytest.UsageError("test markers are wrong:\n" + "\n".join(wrong))
 
 
 @pytest.fixture(scope="session")

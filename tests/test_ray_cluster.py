@@ -21,7 +21,7 @@ from conftest import free_ports
 
 from pipelines.tracking import EPOCH_KEY, RUN_KEY_TAG
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
 GCS_OF: dict[str, str] = {}  # Jobs address of a head started here -> its GCS address (what `ray start --address` joins)
 

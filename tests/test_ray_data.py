@@ -13,7 +13,7 @@ from rgnet.config import Config, from_dict, load_config
 from rgnet.data.dataset import open_split
 from rgnet.data.samples import WindowSpec, item_rng, make_train_item, sample_train_item
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]  # slow: the session Ray starts
 
 
 @pytest.fixture(scope="module")

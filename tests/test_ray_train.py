@@ -21,7 +21,7 @@ from pipelines import evaluate as evaluate_cli
 from pipelines import train as train_cli
 from pipelines.tracking import EPOCH_KEY, RUN_KEY_TAG
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def overrides(tmp: Path, *extra: str) -> list[str]:

@@ -74,6 +74,7 @@ def test_malformed_annotations(tmp_path: Path, no_ray: list[str], capsys: pytest
     assert f"error: {expected.value}" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # waits out the tracking probe's timeout (pipelines.tracking.PROBE_TIMEOUT_S)
 def test_unreachable_tracking_server_fails_fast(
     tmp_path: Path, no_ray: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
