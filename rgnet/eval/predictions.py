@@ -227,8 +227,8 @@ def export_entries(
     entries: list[tuple[QueryRecord, list[list[float]]]] = []
     missing = 0
     for rec in records:
-        row = by_id.get(rec.query_id)
-        preds = row.predictions[:max_predictions] if row is not None else []
+        found = by_id.get(rec.query_id)
+        preds = found.predictions[:max_predictions] if found is not None else []
         if not preds:
             missing += 1
             preds = [list(PLACEHOLDER)]
