@@ -235,12 +235,11 @@ def export_entries(
         entries.append((rec, preds))
     if missing:
         log.warning(
-            "%s: %d of %d queries had no predictions: exported a zero-length placeholder %s for each "
-            "(IoU 0 with every ground truth of positive length)",
+            "%s: %d of %d queries had no predictions: exported a zero-length placeholder at 0 s (score 0) for each, "
+            "which has IoU 0 with every ground truth of positive length",
             what,
             missing,
             len(records),
-            [int(x) for x in PLACEHOLDER],
         )
     return entries
 
