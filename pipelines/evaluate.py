@@ -2,7 +2,7 @@
 
 Prediction-file mode scores a JSON Lines prediction file (``rgnet.eval.predictions``) against a dataset's
 annotations under a named metric profile, prints a table, and optionally writes the JSON report and the Ego4D
-challenge / Moment-DETR submission files::
+challenge / Moment-DETR / CONE MAD submission files (one entry per ground-truth query, capped at --max-predictions)::
 
     rgnet evaluate --predictions runs/x/predictions_val.jsonl --annotations data/nlq_val.json --layout ego4d \\
         --profile rgnet --out report.json --export-ego4d submission.json
@@ -137,11 +137,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     out = p.add_argument_group("outputs")
     out.add_argument("--out", metavar="FILE", help="write the JSON report here (atomically)")
-    out.add_argument("--export-ego4d", metavar="FILE", help="also write the Ego4D NLQ challenge submission JSON")
+    out.add_argument(
+        "--export-ego4d",
+        metavar="FILE",
+        help="also write the Ego4D NLQ challenge submission JSON (for evaluate_ego4d_nlq.py and the challenge server)",
+    )
     out.add_argument(
         "--export-moment-detr",
         metavar="FILE",
-        help="also write the Moment-DETR submission (JSON Lines with pred_relevant_windows)",
+        help="also write the Moment-DETR submission (JSON Lines with pred_relevant_windows, for its "
+        "standalone_eval/eval.py)",
+    )
+    out.add_argument(
+        "--export-cone-mad",
+        metavar="FILE",
+        help="also write CONE's MAD submission (JSON Lines with predicted_times, for standalone_eval/evaluate_mad.py)",
+    )
+    p.epilog = (
+        "Exports hold one entry per ground-truth query of --annotations, in the file's order (zero-length moments "
+        "included), at most --max-predictions predictions each; a query without predictions gets a zero-length "
+        "placeholder [0, 0, 0] (IoU 0), counted in a warning."
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -166,7 +181,7 @@ def evaluate_prediction_file(args: argparse.Namespace) -> dict[str, Any]:
     _check_metric_args(args)
     from rgnet.data.dataset import read_annotations
     from rgnet.eval.metrics import evaluate
-    from rgnet.eval.predictions import read_predictions, write_ego4d_challenge, write_moment_detr
+    from rgnet.eval.predictions import read_predictions, write_cone_mad, write_ego4d_challenge, write_moment_detr
 
     rows = read_predictions(args.predictions)
     # Read every record and drop zero-length moments here rather than in the reader: a prediction file made on the
@@ -203,13 +218,17 @@ def evaluate_prediction_file(args: argparse.Namespace) -> dict[str, Any]:
     report["layout"] = args.layout
     report["num_zero_length_dropped"] = len(zero_ids)
 
-    # Exports cover every row against every record (a challenge server scores the zero-length queries too).
-    if args.export_ego4d:
-        write_ego4d_challenge(args.export_ego4d, rows, all_records, source=args.predictions)
-        log.info("wrote the Ego4D challenge submission to %s", args.export_ego4d)
-    if args.export_moment_detr:
-        write_moment_detr(args.export_moment_detr, rows, all_records, source=args.predictions)
-        log.info("wrote the Moment-DETR submission to %s", args.export_moment_detr)
+    # Exports hold one entry per record of the file, zero-length ones included (a challenge server scores them too),
+    # capped as the metrics were: what is submitted is what was scored here.
+    exports = (
+        (args.export_ego4d, write_ego4d_challenge, "the Ego4D challenge submission"),
+        (args.export_moment_detr, write_moment_detr, "the Moment-DETR submission"),
+        (args.export_cone_mad, write_cone_mad, "CONE's MAD submission"),
+    )
+    for path, write, what in exports:
+        if path:
+            write(path, rows, all_records, max_predictions=args.max_predictions, source=args.predictions)
+            log.info("wrote %s to %s", what, path)
     return report
 
 

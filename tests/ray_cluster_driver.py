@@ -1,7 +1,10 @@
 """Driver for tests/test_ray_cluster.py, run in a subprocess: a two-node ``ray.cluster_utils.Cluster`` (1 CPU per
 node) of its own, then ``rgnet train`` on the tiny preset with 2 workers spread over the nodes.
 
-    python tests/ray_cluster_driver.py TMP_DIR RESULT_JSON
+    python tests/ray_cluster_driver.py TMP_DIR RESULT_JSON DASHBOARD_PORT DASHBOARD_AGENT_PORT
+
+The two ports (from the test's free_ports) are the head's only ones with fixed defaults, which the test session's Ray
+holds; every other component of both nodes binds a port the kernel chooses (port 0).
 
 A subprocess because a process joins one Ray cluster at a time and the test session already has its own.
 """
@@ -9,28 +12,20 @@ A subprocess because a process joins one Ray cluster at a time and the test sess
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def main(tmp: Path, result_path: Path) -> None:
+def main(tmp: Path, result_path: Path, dashboard_port: int, agent_port: int) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
     from pipelines.train import run_ray
     from rgnet.config import load_config
 
-    # free ports for the head's dashboard and agent: the test session's Ray holds the defaults
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "dashboard_port": _free_port(), "dashboard_agent_listen_port": _free_port()},
+        head_node_args={"num_cpus": 1, "dashboard_port": dashboard_port, "dashboard_agent_listen_port": agent_port},
     )
     try:
         cluster.add_node(num_cpus=1)
@@ -45,7 +40,7 @@ def main(tmp: Path, result_path: Path) -> None:
                 f"ray.storage_path={tmp / 'ray_results'}",  # one machine: the local disk is the shared storage
                 f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
                 "train.progress=false",
-                "train.epochs=1",
+                "train.epochs=2",
                 "ray.placement_strategy=SPREAD",  # 2 workers x 0.5 CPU would otherwise pack onto one node
             ],
         )
@@ -57,4 +52,4 @@ def main(tmp: Path, result_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

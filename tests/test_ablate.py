@@ -41,6 +41,7 @@ def table(tmp_path_factory):
     return tmp, tmp / "runs" / "t"
 
 
+@pytest.mark.slow  # the `table` fixture trains two variants for about 9 s
 def test_table_rows_files_and_variant_configs(table) -> None:
     _, out = table
     data = json.loads((out / "ablation.json").read_text())
@@ -63,6 +64,7 @@ def test_table_rows_files_and_variant_configs(table) -> None:
     assert (out / "ablation.png").read_bytes()[:8] == PNG
 
 
+@pytest.mark.slow
 def test_untrained_row_is_the_seeded_initial_model(table) -> None:
     _, out = table
     cfg = load_config(config_file=out / "full" / "config.yaml")
@@ -73,6 +75,7 @@ def test_untrained_row_is_the_seeded_initial_model(table) -> None:
     assert row["variant"] == "untrained" and row["test"] == report["metrics"]
 
 
+@pytest.mark.slow
 def test_rerun_reuses_finished_variants_and_refuses_a_changed_config(table, capsys) -> None:
     tmp, out = table
     best = out / "full" / "best.pt"

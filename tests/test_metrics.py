@@ -278,7 +278,9 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert m["retrieval_R1"] == pytest.approx(100 / 3) and m["retrieval_R2"] == pytest.approx(200 / 3)
     assert report["predictions_file"] == str(preds) and report["layout"] == "native"
     assert "R@1" in capsys.readouterr().out
-    assert [json.loads(line)["qid"] for line in md.read_text().splitlines()] == ["a", "b"]
+    exported = [json.loads(line) for line in md.read_text().splitlines()]
+    assert [d["qid"] for d in exported] == ["a", "b", "c"]  # every ground-truth query; c (no row) a placeholder
+    assert exported[2]["pred_relevant_windows"] == [[0.0, 0.0, 0.0]]
 
 
 def test_cli_unknown_query_id_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -191,6 +191,7 @@ def test_feature_sources(tmp_path: Path) -> None:
         read_features(FeatureSource.parse(f"{tmp_path}/b.pt"), kind="video", dim=4)
 
 
+@pytest.mark.slow
 def test_three_hour_video_has_bounded_memory(tmp_path: Path) -> None:
     """A 3-hour video at 5 fps (54,000 x 512 features) in a fresh process: peak RSS under the documented bound."""
     cfg = tiny_cfg(tmp_path, "data.video_dim=512", "data.fps=5", "windows.length_sec=180")
@@ -221,6 +222,7 @@ def test_three_hour_video_has_bounded_memory(tmp_path: Path) -> None:
     assert peak_mib < THREE_HOUR_PEAK_RSS_MIB, f"peak RSS {peak_mib:.0f} MiB"
 
 
+@pytest.mark.slow
 def test_a_model_trained_with_the_text_encoder_takes_raw_text(tmp_path: Path, capsys) -> None:
     """data.text_encoder=minilm: the split's sentences are encoded once (cached), training runs on them, and
     `rgnet predict --query "..."` encodes raw text the same way."""

@@ -111,7 +111,7 @@ def test_ego4d_challenge_structure(tmp_path: Path) -> None:
     assert sub["version"] == "1.0" and sub["challenge"] == "ego4d_nlq_challenge"
     assert sub["results"] == [
         {"clip_uid": "clipA", "annotation_uid": "ann7", "query_idx": 0, "predicted_times": [[1.0, 3.5], [10.0, 12.0]]},
-        {"clip_uid": "clipA", "annotation_uid": "ann7", "query_idx": 12, "predicted_times": []},
+        {"clip_uid": "clipA", "annotation_uid": "ann7", "query_idx": 12, "predicted_times": [[0.0, 0.0]]},  # empty
         {
             "clip_uid": "clipB",
             "annotation_uid": "xy_z",
@@ -120,7 +120,7 @@ def test_ego4d_challenge_structure(tmp_path: Path) -> None:
         },
     ]
     capped = to_ego4d_challenge(ROWS, RECORDS, max_predictions=1)
-    assert [len(r["predicted_times"]) for r in capped["results"]] == [1, 0, 1]
+    assert [len(r["predicted_times"]) for r in capped["results"]] == [1, 1, 1]
     path = tmp_path / "ego4d.json"
     write_ego4d_challenge(path, ROWS, RECORDS)
     assert json.loads(path.read_text()) == sub

@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_ports
 
 from pipelines.tracking import EPOCH_KEY, RUN_KEY_TAG
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
 GCS_OF: dict[str, str] = {}  # Jobs address of a head started here -> its GCS address (what `ray start --address` joins)
 
@@ -51,8 +51,10 @@ def _values(uri: str, run_id: str, key: str = "resumed_after_epoch") -> list[flo
 @pytest.mark.timeout(420)
 def test_two_node_cluster_spreads_the_workers(tmp_path: Path) -> None:
     result = tmp_path / "result.json"
+    dashboard, agent = free_ports(2)  # the head's two fixed-default ports; Ray binds the others itself (port 0)
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "ray_cluster_driver.py"), str(tmp_path), str(result)],
+        [sys.executable, str(REPO / "tests" / "ray_cluster_driver.py"), str(tmp_path), str(result), str(dashboard),
+         str(agent)],
         cwd=REPO, capture_output=True, text=True, timeout=400, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -62,27 +64,27 @@ def test_two_node_cluster_spreads_the_workers(tmp_path: Path) -> None:
     (run,) = _runs(uri, f"{tmp_path / 'ray_results'}/tiny")
     worker_nodes = run.data.tags["rgnet.worker_nodes"].split(",")
     assert sorted(worker_nodes) == out["nodes"], "the two workers did not run on two different nodes"
-    assert _epochs(uri, run.info.run_id) == [1]
+    assert _epochs(uri, run.info.run_id) == [1, 2]
     assert run.info.status == "FINISHED"
 
 
 @pytest.fixture
 def ray_head() -> Iterator[str]:
-    """``ray start --head`` on loopback with free ports (the session's Ray holds the defaults); yields the Jobs
-    address.  Torn down by killing the processes this fixture started (never `ray stop`, which stops every Ray of
-    the user on the machine)."""
-    # the head has token auth on (the default for local clusters): conftest sets RAY_AUTH_MODE=token for the client
+    """``ray start --head`` on loopback; yields the Jobs address.  Every port the head listens on is given, all
+    from one free_ports call (distinct, and none of Ray's defaults, which the session's Ray holds).  Torn down by
+    killing the processes this fixture started (never `ray stop`, which stops every Ray of the user on the
+    machine)."""
+    # the head has token auth on (the default for local clusters): conftest sets RAY_AUTH_MODE=token and the token
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths live under it
-    dash = free_port()
     # `python` in a job entrypoint resolves with this PATH: put this interpreter's folder first
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    gcs_port = free_port()
+    gcs_port, dash, agent_http, agent_grpc, runtime_env, metrics, client = free_ports(7)
     cmd = [
         "ray", "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
         f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-        f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}",
+        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
+        f"--ray-client-server-port={client}", f"--temp-dir={temp_dir}",
     ]  # fmt: skip
     log = open(Path(temp_dir) / "ray_start.log", "w")  # noqa: SIM115  # closed below
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -138,10 +140,11 @@ def two_node_head(ray_head: str) -> Iterator[str]:
     gcs = GCS_OF[ray_head]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     temp_dir = tempfile.mkdtemp(prefix="rw", dir="/tmp")
+    agent_http, agent_grpc, runtime_env, metrics = free_ports(4)  # never one of the head's (free_ports' registry)
     cmd = [
         "ray", "start", f"--address={gcs}", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1",
-        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
     ]  # fmt: skip
     log = open(Path(temp_dir) / "ray_worker.log", "w")  # noqa: SIM115  # closed below
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -189,7 +192,9 @@ def test_jobs_on_two_nodes_interrupted_and_resubmitted(two_node_head: str, tmp_p
     )
     runtime_env = {
         "working_dir": str(REPO),
-        "excludes": ["data/", "runs/", "mlflow.db", "mlartifacts/", ".git/", "*.egg-info/", ".mypy_cache/"],
+        # anchored: an unanchored "data/" also drops rgnet/data/, which the driver then imports from wherever the
+        # package is installed (another checkout's copy, mixed with this one's)
+        "excludes": ["/data/", "/runs/", "mlflow.db", "mlartifacts/", ".git/", "*.egg-info/", ".mypy_cache/"],
         "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120"},
     }
     key = f"{tmp_path / 'ray_results'}/tiny-smoke"

@@ -11,7 +11,7 @@ from rgnet.config import Config, apply_overrides, load_config
 from rgnet.data.dataset import SplitData, open_split
 from rgnet.data.samples import TrainBatches, shard_slice, steps_per_epoch
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]  # slow: the session Ray starts
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
+from conftest import free_ports
 
 from pipelines import evaluate as evaluate_cli
 from pipelines import train as train_cli
 from pipelines.tracking import EPOCH_KEY, RUN_KEY_TAG
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def overrides(tmp: Path, *extra: str) -> list[str]:
@@ -59,7 +59,7 @@ def artifacts(client: Any, run_id: str, path: str = "") -> set[str]:
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, proxied artifacts), stopped after the module."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
+    (port,) = free_ports(1)
     log = open(root / "server.log", "w")  # noqa: SIM115  # closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",

@@ -40,7 +40,7 @@ def test_trial_overrides_set_the_values() -> None:
     assert cfg.loss.contrastive_weight == 0.0
     smoke = load_space(next(p for p in SPACES if p.stem == "smoke"))
     cfg = apply_overrides(smoke.base_config(), trial_overrides(smoke, {"optim.lr": 1e-4, "eval.top_k_windows": 2}))
-    assert (cfg.optim.lr, cfg.eval.top_k_windows, cfg.train.epochs) == (1e-4, 2, 2)
+    assert (cfg.optim.lr, cfg.eval.top_k_windows, cfg.train.epochs) == (1e-4, 2, 3)
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,7 @@ def trained(tmp_path_factory):
     return cfg, reports
 
 
+@pytest.mark.slow  # the `trained` fixture trains for about 15 s
 def test_training_learns(trained) -> None:
     cfg, reports = trained
     run_dir = cfg.train.output_dir + "/" + cfg.train.run_name
@@ -54,6 +55,7 @@ def test_training_learns(trained) -> None:
     assert trained_m["R1@0.3"] > base["metrics"]["R1@0.3"]
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_and_cli_evaluate(trained, tmp_path) -> None:
     cfg, reports = trained
     best = f"{cfg.train.output_dir}/{cfg.train.run_name}/best.pt"
@@ -71,6 +73,7 @@ def test_checkpoint_round_trip_and_cli_evaluate(trained, tmp_path) -> None:
     assert [r.predictions for r in rows_a] == [r.predictions for r in rows_b]
 
 
+@pytest.mark.slow
 def test_predictions_are_valid(trained) -> None:
     cfg, _ = trained
     model, _ = ckpt.load_model(f"{cfg.train.output_dir}/{cfg.train.run_name}/best.pt")
@@ -84,6 +87,7 @@ def test_predictions_are_valid(trained) -> None:
             assert (p[:-1, 2] >= p[1:, 2]).all()  # sorted by score
 
 
+@pytest.mark.slow
 def test_decoder_sees_only_top_k(trained) -> None:
     """Decoder work is top_k windows per query, whatever the number of windows or the chunk size."""
     cfg, _ = trained

@@ -74,6 +74,7 @@ def test_malformed_annotations(tmp_path: Path, no_ray: list[str], capsys: pytest
     assert f"error: {expected.value}" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # waits out the tracking probe's timeout (pipelines.tracking.PROBE_TIMEOUT_S)
 def test_unreachable_tracking_server_fails_fast(
     tmp_path: Path, no_ray: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -98,15 +99,19 @@ def test_nothing_listening_fails_fast(tmp_path: Path, no_ray: list[str], capsys:
     from rgnet.data.synthetic import ensure_dataset
 
     ensure_dataset(load_config("tiny", overrides=[f"data.root={tmp_path / 'data'}"]).data)
-    with socket.socket() as s:  # a port nobody listens on
+    # a port nobody listens on: bound but not listening, and held for the whole test so that no other process can
+    # take it meanwhile (connecting to a bound, non-listening port is refused)
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result: dict[str, int] = {}
-    thread = threading.Thread(
-        target=lambda: result.update(rc=train_cli.main([*argv(tmp_path), "--tracking-uri", f"http://127.0.0.1:{port}"]))
-    )
-    thread.start()
-    thread.join(timeout=30)
+        result: dict[str, int] = {}
+        thread = threading.Thread(
+            target=lambda: result.update(
+                rc=train_cli.main([*argv(tmp_path), "--tracking-uri", f"http://127.0.0.1:{port}"])
+            )
+        )
+        thread.start()
+        thread.join(timeout=30)
     assert not thread.is_alive() and result["rc"] == 2
     assert "Connection refused" in capsys.readouterr().err
 

@@ -10,16 +10,18 @@ A prediction file is JSON Lines, one row per query::
 (or with ``null``) has no retrieval result.  Readers are strict: every problem is a :class:`DataError` naming the
 file, the line (and query id when known) and the field, so a bad file fails before any number is computed.
 
-Exporters convert rows to the two public submission layouts: the Ego4D NLQ challenge JSON and Moment-DETR's
-(QVHighlights) JSON Lines.
+Exporters convert rows to the public submission layouts: the Ego4D NLQ challenge JSON, Moment-DETR's (QVHighlights)
+JSON Lines and CONE's MAD JSON Lines.  Each writes one entry per ground-truth query, in the annotation file's order,
+capped at ``max_predictions``; a query without predictions gets :data:`PLACEHOLDER`.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,8 @@ from rgnet.io import atomic_write_json, atomic_write_jsonl
 
 ROW_FIELDS = ("query_id", "video_id", "predictions", "windows")
 REQUIRED_FIELDS = ("query_id", "video_id", "predictions")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -183,21 +187,61 @@ def write_predictions(path: str | os.PathLike[str], rows: Iterable[PredictionRow
 # ---------------------------------------------------------------------------------------------------------------
 # Exporters
 # ---------------------------------------------------------------------------------------------------------------
-def _records_by_id(records: Iterable[QueryRecord]) -> dict[str, QueryRecord]:
-    return {r.query_id: r for r in records}
+PLACEHOLDER: tuple[float, float, float] = (0.0, 0.0, 0.0)
+"""What an export writes for a query without predictions (an empty list, or no row at all): one zero-length span at
+0 s with score 0.  Every official evaluator accepts it and it has IoU 0 with any ground truth of positive length,
+so the query counts as a miss, as our metrics count it.  The alternatives fail: an empty list crashes Ego4D's and
+Moment-DETR's scripts (they read the first prediction), a missing entry fails Moment-DETR's and CONE's query-id
+check and makes Ego4D's script average over fewer queries (higher numbers)."""
 
 
-def _lookup(by_id: Mapping[str, QueryRecord], row: PredictionRow, source: object) -> QueryRecord:
-    rec = by_id.get(row.query_id)
-    if rec is None:
-        raise DataError(
-            source,
-            "query id is not in the annotations",
-            record=row.query_id,
-            field="query_id",
-            fix="use the annotation file (and split) the predictions were made for",
+def export_entries(
+    rows: Iterable[PredictionRow],
+    records: Iterable[QueryRecord],
+    *,
+    max_predictions: int | None = None,
+    source: object = "<predictions>",
+    what: str = "export",
+) -> list[tuple[QueryRecord, list[list[float]]]]:
+    """One entry per ground-truth record, in the records' order (the annotation file's order, as the readers keep
+    it): the record and its first ``max_predictions`` predictions, or ``[PLACEHOLDER]`` when the query has no row
+    or an empty list.  A row for a query id that is not in the records, or a second row for one, is an error.  The
+    number of placeholders is logged as one warning naming ``what``."""
+    if max_predictions is not None and max_predictions < 1:
+        raise ValueError(f"max_predictions must be >= 1 or None, got {max_predictions}")
+    records = list(records)
+    by_id: dict[str, PredictionRow] = {}
+    known = {r.query_id for r in records}
+    for row in rows:
+        if row.query_id not in known:
+            raise DataError(
+                source,
+                "query id is not in the annotations",
+                record=row.query_id,
+                field="query_id",
+                fix="use the annotation file (and split) the predictions were made for",
+            )
+        if row.query_id in by_id:
+            raise DataError(source, "duplicate query id", record=row.query_id, field="query_id")
+        by_id[row.query_id] = row
+    entries: list[tuple[QueryRecord, list[list[float]]]] = []
+    missing = 0
+    for rec in records:
+        found = by_id.get(rec.query_id)
+        preds = found.predictions[:max_predictions] if found is not None else []
+        if not preds:
+            missing += 1
+            preds = [list(PLACEHOLDER)]
+        entries.append((rec, preds))
+    if missing:
+        log.warning(
+            "%s: %d of %d queries had no predictions: exported a zero-length placeholder at 0 s (score 0) for each, "
+            "which has IoU 0 with every ground truth of positive length",
+            what,
+            missing,
+            len(records),
         )
-    return rec
+    return entries
 
 
 def _split_ego4d_query_id(query_id: str, source: object) -> tuple[str, int]:
@@ -215,20 +259,21 @@ def _split_ego4d_query_id(query_id: str, source: object) -> tuple[str, int]:
 
 
 def to_ego4d_challenge(
-    rows: Sequence[PredictionRow],
+    rows: Iterable[PredictionRow],
     records: Iterable[QueryRecord],
     *,
     max_predictions: int | None = None,
     source: object = "<predictions>",
 ) -> dict[str, Any]:
-    """The Ego4D NLQ challenge submission: ``{"version", "challenge", "results": [{clip_uid, annotation_uid,
-    query_idx, predicted_times}]}``; the official evaluator reads the first 1/3/5 ``predicted_times``."""
-    by_id = _records_by_id(records)
+    """The Ego4D NLQ challenge submission: ``{"version": "1.0", "challenge": "ego4d_nlq_challenge", "results":
+    [{clip_uid, annotation_uid, query_idx, predicted_times: [[start, end], ...]}]}``, one result per record (see
+    :func:`export_entries`).  The official ``evaluate_ego4d_nlq.py`` looks each result up by (clip_uid,
+    annotation_uid) and ``language_queries[query_idx]``, and reads the first 1/3/5 ``predicted_times``."""
     results = []
-    for row in rows:
-        rec = _lookup(by_id, row, source)
-        uid, idx = _split_ego4d_query_id(row.query_id, source)
-        preds = row.predictions[:max_predictions] if max_predictions is not None else row.predictions
+    for rec, preds in export_entries(
+        rows, records, max_predictions=max_predictions, source=source, what="Ego4D NLQ export"
+    ):
+        uid, idx = _split_ego4d_query_id(rec.query_id, source)
         results.append(
             {
                 "clip_uid": rec.video_id,
@@ -246,41 +291,62 @@ def _moment_detr_qid(query_id: str) -> int | str:
 
 
 def to_moment_detr_jsonl(
-    rows: Sequence[PredictionRow],
+    rows: Iterable[PredictionRow],
     records: Iterable[QueryRecord],
     *,
     max_predictions: int | None = None,
     source: object = "<predictions>",
 ) -> list[dict[str, Any]]:
-    """Moment-DETR submission rows: ``{"qid", "query", "vid", "pred_relevant_windows": [[s, e, score], ...]}``.
-
-    ``qid`` is an int when the query id is all digits (as in QVHighlights), else the string.
-    """
-    by_id = _records_by_id(records)
-    out = []
-    for row in rows:
-        rec = _lookup(by_id, row, source)
-        preds = row.predictions[:max_predictions] if max_predictions is not None else row.predictions
-        out.append(
-            {
-                "qid": _moment_detr_qid(row.query_id),
-                "query": rec.query,
-                "vid": rec.video_id,
-                "pred_relevant_windows": [list(p) for p in preds],
-            }
+    """Moment-DETR submission rows ``{"qid", "query", "vid", "pred_relevant_windows": [[s, e, score], ...]}``, one
+    per record (see :func:`export_entries`).  ``qid`` is an int when the query id is all digits (as in
+    QVHighlights), else the string."""
+    return [
+        {
+            "qid": _moment_detr_qid(rec.query_id),
+            "query": rec.query,
+            "vid": rec.video_id,
+            "pred_relevant_windows": [list(p) for p in preds],
+        }
+        for rec, preds in export_entries(
+            rows, records, max_predictions=max_predictions, source=source, what="Moment-DETR export"
         )
-    return out
+    ]
+
+
+def to_cone_mad_jsonl(
+    rows: Iterable[PredictionRow],
+    records: Iterable[QueryRecord],
+    *,
+    max_predictions: int | None = None,
+    source: object = "<predictions>",
+) -> list[dict[str, Any]]:
+    """CONE's MAD submission rows ``{"query_id", "video_id", "predicted_times": [[s, e, score], ...]}``, one per
+    record (see :func:`export_entries`); CONE's ``standalone_eval/evaluate_mad.py`` matches ``query_id`` (the MAD
+    annotation key) against its ground truth and reads start and end of the first K ``predicted_times``."""
+    return [
+        {"query_id": rec.query_id, "video_id": rec.video_id, "predicted_times": [list(p) for p in preds]}
+        for rec, preds in export_entries(
+            rows, records, max_predictions=max_predictions, source=source, what="CONE MAD export"
+        )
+    ]
 
 
 def write_ego4d_challenge(
-    path: str | os.PathLike[str], rows: Sequence[PredictionRow], records: Iterable[QueryRecord], **kwargs: Any
+    path: str | os.PathLike[str], rows: Iterable[PredictionRow], records: Iterable[QueryRecord], **kwargs: Any
 ) -> None:
     """Write :func:`to_ego4d_challenge` as one JSON file (atomically)."""
     atomic_write_json(path, to_ego4d_challenge(rows, records, **kwargs))
 
 
 def write_moment_detr(
-    path: str | os.PathLike[str], rows: Sequence[PredictionRow], records: Iterable[QueryRecord], **kwargs: Any
+    path: str | os.PathLike[str], rows: Iterable[PredictionRow], records: Iterable[QueryRecord], **kwargs: Any
 ) -> None:
     """Write :func:`to_moment_detr_jsonl` as JSON Lines (atomically)."""
     atomic_write_jsonl(path, to_moment_detr_jsonl(rows, records, **kwargs))
+
+
+def write_cone_mad(
+    path: str | os.PathLike[str], rows: Iterable[PredictionRow], records: Iterable[QueryRecord], **kwargs: Any
+) -> None:
+    """Write :func:`to_cone_mad_jsonl` as JSON Lines (atomically)."""
+    atomic_write_jsonl(path, to_cone_mad_jsonl(rows, records, **kwargs))
