@@ -8,7 +8,8 @@ Batch schema (what ``forward`` reads; built by ``rgnet.data.samples.collate_trai
     video        (W, Lv, Dv) float  distinct windows: [B positive windows (window b belongs to query b);
                                     then the optional same-video negative windows]
     video_mask   (W, Lv) bool       True = valid frame
-    text         (B, Lq, Dt) float  word features (L2-normalised per token by the data pipeline)
+    text         (B, Lq, Dt) float  word features (L2-normalised per token by the data pipeline; raw with
+                                    model.compat=released, which normalises them in ``encode``)
     text_mask    (B, Lq) bool       True = valid word
     pair_window  (N,) long          pair n = (query pair_text[n], window pair_window[n]); see ``build_pairs``
     pair_text    (N,) long
@@ -48,7 +49,7 @@ from torch import Tensor, nn
 
 from rgnet.config import ModelConfig
 from rgnet.model.decoder import MLP, AnchorDecoder, inverse_sigmoid
-from rgnet.model.embeddings import InputProjection, video_positions
+from rgnet.model.embeddings import InputProjection, released_token_norm, video_positions
 from rgnet.model.encoder import PlainEncoder, RGEncoder
 
 
@@ -161,6 +162,8 @@ class RGNet(nn.Module):
             )
         frames = self.video_proj(video)  # (W, Lv, D)
         pos = video_positions(video_mask, self.cfg.hidden_dim, self.cfg.pos_temperature).to(frames.dtype)
+        if self.cfg.compat == "released":
+            text = released_token_norm(text)  # raw tokens in (data.normalize_text=false), normalised as released
         words = self.text_proj(text)  # (B, Lq, D)
         pair_pos = pos.index_select(0, window_index)  # (N, Lv, D)
         pair_mask = video_mask.index_select(0, window_index)  # (N, Lv)
