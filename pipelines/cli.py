@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "pipelines.predict",
         "top moments for a sentence in a long video; --split: batch inference over a split with Ray Data",
     ),
+    "import": (
+        "pipelines.import_released",
+        "import weights from outside the project: `rgnet import released CKPT --out DIR` (the released RGNet files)",
+    ),
     "bench": (
         "pipelines.bench",
         "training throughput, inference latency vs video length, memory, FLOP/s; --data: the Ray Data pipeline",

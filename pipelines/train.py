@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="MLflow tracking URI (same as tracking.uri=URI): http://HOST:PORT for a server (a multi-node cluster "
         "needs one); default sqlite:///<absolute cwd>/mlflow.db",
     )
+    p.add_argument(
+        "--init-from",
+        metavar="CHECKPOINT",
+        help="fine-tune: start from the weights of this checkpoint (same as train.init_from=PATH; e.g. the "
+        "checkpoint.pt of rgnet import released): weights only, fresh optimizer; ignored when the run resumes from its "
+        "own checkpoint (resume wins)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_config_args(p)
     return p
@@ -72,6 +79,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     overrides = list(args.overrides)
     if args.tracking_uri:
         overrides.append(f"tracking.uri={args.tracking_uri}")
+    if args.init_from:
+        overrides.append(f"train.init_from={json.dumps(abspath(args.init_from))}")  # absolute: workers run elsewhere
     if not args.smoke_test:
         return load_config(args.preset, args.config, overrides)
     preset = args.preset or (None if args.config else "tiny")
@@ -138,6 +147,7 @@ def run_local(cfg: Config, *, fresh: bool = False, test: bool = True) -> dict[st
     threads = set_threads(cfg.train.threads, os.cpu_count() or 1)
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim).to(device)
+    ckpt.init_weights_from(model, cfg)  # train.init_from (fine-tuning); a resumed run's own checkpoint replaces it
     batches = TrainBatches(train_data, cfg)
     if batches.num_batches() == 0:
         raise ValueError(
@@ -212,7 +222,10 @@ def resolve_paths(cfg: Config) -> Config:
     return from_dict(
         {
             "data": {"root": abspath(cfg.data.root)},
-            "train": {"output_dir": abspath(cfg.train.output_dir)},
+            "train": {
+                "output_dir": abspath(cfg.train.output_dir),
+                "init_from": abspath(cfg.train.init_from) if cfg.train.init_from else "",
+            },
             "ray": {"storage_path": storage if "://" in storage else abspath(storage)},
             "tracking": {"uri": resolve_uri(cfg.tracking.uri)},
         },

@@ -149,6 +149,11 @@ class ModelConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     mask_mode: Literal["hard", "additive", "none"] = "hard"  # Eq. 3: paper (-inf), released code (+1), ablation
     retrieval: Literal["context", "none"] = "context"  # none = rank windows by frozen-feature similarity
+    # clean = the model above; released = the released code's numerics, so that imported released checkpoints
+    # compute the released function (`rgnet import released`): the text-to-video padding mask tiled head-major,
+    # tokens normalised in the model as x / (||x|| + 1e-5) (needs data.normalize_text=false), the additive retrieval
+    # mask (needs mask_mode=additive) and no clamp on the decoder's anchor width (README "Use the released checkpoints")
+    compat: Literal["clean", "released"] = "clean"
 
 
 @dataclass
@@ -198,6 +203,9 @@ class TrainConfig:
     # torch threads per training process: 0 = its CPUs (all cores with --local, floor(ray.cpus_per_worker) but at
     # least 1 on a Ray worker).  Results depend on it (summation order): runs that must agree use the same count
     threads: int = 0
+    # a project checkpoint (e.g. written by `rgnet import released`) whose weights start the run: weights only, fresh
+    # optimizer and schedule, every name and shape checked; a run resuming from its own checkpoint ignores it
+    init_from: str = ""
 
 
 @dataclass
@@ -265,6 +273,12 @@ def validate(cfg: Config) -> None:
     for name in ("cross_layers", "retrieval_layers", "decoder_layers", "num_queries"):
         if getattr(m, name) < 1:
             raise ConfigError(f"model.{name} must be >= 1, got {getattr(m, name)}")
+    if m.compat == "released" and (m.mask_mode != "additive" or cfg.data.normalize_text):
+        raise ConfigError(
+            "model.compat=released reproduces the released code, which adds its retrieval mask (model.mask_mode="
+            "additive) and normalises raw tokens inside the model (data.normalize_text=false); got model.mask_mode="
+            f"{m.mask_mode}, data.normalize_text={str(cfg.data.normalize_text).lower()}"
+        )
     if m.sampler.temperature <= 0:
         raise ConfigError(f"model.sampler.temperature must be > 0, got {m.sampler.temperature}")
     if cfg.windows.length_sec <= 0:
@@ -434,12 +448,15 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
 
 
 def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
+    """Each override's key and type is checked as it comes; the rules that tie keys together (validate) once at the
+    end, so their order does not matter (``model.compat=released model.mask_mode=additive``)."""
     valid = set(all_keys())
     for text in overrides:
         key, value = parse_override(text)
         if key not in valid:
             raise _unknown(key, valid, " (from a key=value override)")
-        cfg = from_dict(_nest(key, value), cfg, source=f" (override '{text}')")
+        cfg = _merge(cfg, _nest(key, value), "", f" (override '{text}')")
+    validate(cfg)
     return cfg
 
 

@@ -13,7 +13,7 @@ heads see it with its gradient (which is how the refinement MLPs learn).  The la
 its refined anchor would feed nothing (the released code builds one and leaves it without a gradient).
 
 Deviation (numerical safety): the width used by the width modulation is clamped at 1e-3 (the inverse-sigmoid eps),
-so a collapsed anchor cannot divide by ~0.
+so a collapsed anchor cannot divide by ~0.  model.compat=released divides by the unclamped width, as released.
 """
 
 from __future__ import annotations
@@ -131,6 +131,7 @@ class AnchorDecoder(nn.Module):
         super().__init__()
         d, layers = cfg.hidden_dim, cfg.decoder_layers
         self.hidden_dim = d
+        self.clamp_width = cfg.compat != "released"  # the released decoder divides by the raw anchor width
         self.layers = nn.ModuleList(
             AnchorDecoderLayer(d, cfg.num_heads, cfg.ffn_dim, cfg.dropout, cfg.attention_dropout, first=i == 0)
             for i in range(layers)
@@ -164,7 +165,7 @@ class AnchorDecoder(nn.Module):
             query_pos = self.ref_point_head(sine)
             if self.query_scale is not None and i > 0:
                 sine = sine * self.query_scale(tgt)
-            width = ref[..., 1:].clamp(min=INVERSE_SIGMOID_EPS)  # (M, Q, 1)
+            width = ref[..., 1:].clamp(min=INVERSE_SIGMOID_EPS) if self.clamp_width else ref[..., 1:]  # (M, Q, 1)
             sine = sine * (torch.sigmoid(self.ref_width_head(tgt)) / width)
             tgt = layer(tgt, query_pos, sine, memory, memory_pos, key_mask, rng)
             states.append(self.norm(tgt))

@@ -39,6 +39,19 @@ class InputProjection(nn.Sequential):
         return x
 
 
+RELEASED_TOKEN_EPS = 1e-5
+
+
+def released_token_norm(text: Tensor) -> Tensor:
+    """The released code's token normalisation, x / (||x|| + 1e-5) per token (model.compat=released).
+
+    (B, Lq, Dt) raw token features -> same shape; zero (padding) tokens stay zero.  It differs from
+    x / max(||x||, eps) (the data pipeline's data.normalize_text) by a factor ||x|| / (||x|| + 1e-5), so it needs the
+    raw norm: released models read raw tokens (data.normalize_text=false) and normalise them here.
+    """
+    return text / (torch.linalg.vector_norm(text, dim=-1, keepdim=True) + RELEASED_TOKEN_EPS)
+
+
 def sine_embedding(x: Tensor, dim: int, temperature: float) -> Tensor:
     """Transformer sine embedding of scalars: (...) -> (..., dim).
 

@@ -8,7 +8,8 @@ Batch schema (what ``forward`` reads; built by ``rgnet.data.samples.collate_trai
     video        (W, Lv, Dv) float  distinct windows: [B positive windows (window b belongs to query b);
                                     then the optional same-video negative windows]
     video_mask   (W, Lv) bool       True = valid frame
-    text         (B, Lq, Dt) float  word features (L2-normalised per token by the data pipeline)
+    text         (B, Lq, Dt) float  word features (L2-normalised per token by the data pipeline; raw with
+                                    model.compat=released, which normalises them in ``encode``)
     text_mask    (B, Lq) bool       True = valid word
     pair_window  (N,) long          pair n = (query pair_text[n], window pair_window[n]); see ``build_pairs``
     pair_text    (N,) long
@@ -50,7 +51,7 @@ from torch import Tensor, nn
 
 from rgnet.config import ModelConfig
 from rgnet.model.decoder import MLP, AnchorDecoder, inverse_sigmoid
-from rgnet.model.embeddings import InputProjection, video_positions
+from rgnet.model.embeddings import InputProjection, released_token_norm, video_positions
 from rgnet.model.encoder import PlainEncoder, RGEncoder
 from rgnet.model.randomness import BatchRandom, RowRandom
 
@@ -144,7 +145,7 @@ class RGNet(nn.Module):
         # trained value) still enters sigmoid(s_ctx), the factor of the moment score.
         self.context_head = nn.Linear(d, 1, bias=False) if cfg.retrieval == "context" else None
         self.context_bias: Tensor
-        self.register_buffer("context_bias", torch.zeros(()))
+        self.register_buffer("context_bias", torch.zeros(1))
         # W1 of Eq. 7 without b1: <b1, W2 r + b2> is the same for every frame of a pair, so the hinge (a difference
         # of two frames' scores) cancels it and b1 would never get a gradient (it stays at its init when released)
         self.sampling_frame_proj = nn.Linear(d, d, bias=False)
@@ -178,6 +179,8 @@ class RGNet(nn.Module):
         rng = randomness if self.training else None
         frames = self.video_proj(video, rng.windows if rng else None)  # (W, Lv, D)
         pos = video_positions(video_mask, self.cfg.hidden_dim, self.cfg.pos_temperature).to(frames.dtype)
+        if self.cfg.compat == "released":
+            text = released_token_norm(text)  # raw tokens in (data.normalize_text=false), normalised as released
         words = self.text_proj(text, rng.texts if rng else None)  # (B, Lq, D)
         pair_pos = pos.index_select(0, window_index)  # (N, Lv, D)
         pair_mask = video_mask.index_select(0, window_index)  # (N, Lv)
@@ -242,7 +245,7 @@ def _upgrade_state_dict(state: dict[str, Tensor], prefix: str, *args: object) ->
         del state[key]
     old_bias = state.pop(prefix + "context_head.bias", None)
     if prefix + "context_bias" not in state:
-        state[prefix + "context_bias"] = old_bias.reshape(()) if old_bias is not None else torch.zeros(())
+        state[prefix + "context_bias"] = old_bias.reshape(1) if old_bias is not None else torch.zeros(1)
 
 
 def build_model(cfg: ModelConfig, video_dim: int, text_dim: int) -> RGNet:

@@ -6,16 +6,21 @@ Saved from the unwrapped module (no ``module.`` prefixes from DDP), written atom
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from rgnet.config import Config, from_dict, to_dict
+from rgnet.config import Config, ConfigError, from_dict, to_dict
 from rgnet.io import atomic_path
 from rgnet.model import RGNet, build_model
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -84,3 +89,57 @@ def model_from_payload(payload: dict[str, Any]) -> tuple[RGNet, Config]:
 
 def load_model(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> tuple[RGNet, Config]:
     return model_from_payload(load_checkpoint(path, map_location))
+
+
+def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: object) -> None:
+    """Strict ``load_state_dict`` whose error names every missing, unexpected and misshapen tensor (with shapes)."""
+    own = unwrap(model).state_dict()
+    problems = [f"missing tensor '{k}' (shape {tuple(v.shape)})" for k, v in own.items() if k not in state]
+    problems += [f"unexpected tensor '{k}'" for k in state if k not in own]
+    problems += [
+        f"tensor '{k}' has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise ConfigError(f"the weights in {source} do not fit this model ({len(problems)} problem(s)):\n  {shown}")
+    unwrap(model).load_state_dict(state)
+
+
+def init_weights_from(model: nn.Module, cfg: Config) -> bool:
+    """Fine-tuning start: load the weights of ``cfg.train.init_from`` (a project checkpoint) into ``model``.
+
+    Call it on the freshly built model; only the weights are taken (the optimizer, schedule, scaler, epoch and step
+    start fresh), every name and shape is checked.  A run resuming from its own checkpoint loads that checkpoint
+    afterwards, which replaces these weights: resume wins.  Returns False when ``train.init_from`` is empty.
+    """
+    path = cfg.train.init_from
+    if not path:
+        return False
+    where = Path(path).expanduser()
+    if where.is_dir():
+        where = where / CHECKPOINT_FILE
+    if not where.is_file():
+        raise FileNotFoundError(
+            f"train.init_from={path}: no checkpoint there (a relative path resolves against the working directory of "
+            "the training process; Ray workers need an absolute path on storage they can read)"
+        )
+    try:
+        payload = load_checkpoint(where)
+    except (pickle.UnpicklingError, ValueError) as e:
+        raise ConfigError(
+            f"train.init_from={path} is not a checkpoint of this project ({str(e).splitlines()[0]}); a released RGNet "
+            f"checkpoint must be imported first: rgnet import released {path} --out DIR"
+        ) from e
+    load_weights(model, payload["model"], where)
+    stored = payload.get("config", {}).get("model", {}).get("compat", "clean")
+    if stored != cfg.model.compat:
+        log.warning(
+            "train.init_from=%s was saved with model.compat=%s, this run uses model.compat=%s",
+            path,
+            stored,
+            cfg.model.compat,
+        )
+    log.info("initialised the model from %s (weights only; fresh optimizer and schedule)", where)
+    return True
