@@ -40,6 +40,8 @@ def setup_logging(verbose: bool = False) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    if not verbose:  # MLflow's progress chatter (store set-up, ...) only with -v; MLflow reads this when imported
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 class SetupError(RuntimeError):
@@ -64,6 +66,11 @@ def run_guarded(fn: Any, *args: Any) -> int:
 def split_name(cfg: Config, name: str) -> str:
     """``train``/``val``/``test`` -> the dataset's split name from the config; any other name as given."""
     return {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}.get(name, name)
+
+
+def ray_run_dir(cfg: Config) -> str:
+    """A Ray Train run's folder (``ray.storage_path/train.run_name``): its identity for resume, MLflow and console."""
+    return f"{cfg.ray.storage_path.rstrip('/')}/{cfg.train.run_name}"
 
 
 def abspath(path: str) -> str:

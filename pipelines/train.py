@@ -23,6 +23,7 @@ the last checkpoint of that run (``--fresh`` starts over).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.common import SetupError, abspath, add_config_args, run_guarded, setup_logging
+from pipelines.common import SetupError, abspath, add_config_args, ray_run_dir, run_guarded, setup_logging
 from rgnet.config import Config, ConfigError, from_dict, load_config, save_yaml
 
 log = logging.getLogger("rgnet.train")
@@ -233,20 +234,27 @@ def resolve_paths(cfg: Config) -> Config:
     )
 
 
-def init_ray(cfg: Config) -> bool:
-    """Join ``ray.address`` (or the cluster of a Ray job), else start a local Ray; True when this call connected."""
+def init_ray(cfg: Config, *, verbose: bool = True) -> bool:
+    """Join ``ray.address`` (or the cluster of a Ray job), else start a local Ray; True when this call connected.
+
+    ``verbose=False``: what Ray's processes print stays in its log files (``pipelines.console``), and the driver's
+    own Ray logging shows warnings only.
+    """
     import ray
 
     if ray.is_initialized():
         return False
+    quiet: dict[str, Any] = {} if verbose else {"log_to_driver": False, "logging_level": logging.ERROR}
     try:
         if cfg.ray.address:
-            ray.init(address=cfg.ray.address)
+            ray.init(address=cfg.ray.address, **quiet)
         elif os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`: the job's cluster
-            ray.init()
+            ray.init(**quiet)
         else:
             # the dashboard stays on: Ray Train's placement-group cleaner needs the State API it serves
-            ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=True, dashboard_host="127.0.0.1")
+            ray.init(
+                num_cpus=max(2, os.cpu_count() or 2), include_dashboard=True, dashboard_host="127.0.0.1", **quiet
+            )
     except ConnectionError as e:
         raise SetupError(f"cannot connect to Ray at {cfg.ray.address or os.environ.get('RAY_ADDRESS')}: {e}") from e
     return True
@@ -270,10 +278,6 @@ def check_resources(cfg: Config) -> None:
         need_gpu, total_gpu = cfg.ray.num_workers * cfg.ray.gpus_per_worker, ray.cluster_resources().get("GPU", 0.0)
         if need_gpu > total_gpu + 1e-9:
             raise ConfigError(f"ray.use_gpu=true needs {need_gpu:g} GPUs but this Ray has {total_gpu:g}")
-
-
-def ray_run_dir(cfg: Config) -> str:
-    return f"{cfg.ray.storage_path.rstrip('/')}/{cfg.train.run_name}"
 
 
 def remove_ray_run(cfg: Config) -> None:
@@ -334,7 +338,6 @@ def fit_on_ray(cfg: Config, handle: Any, *, verbose: bool = False, callbacks: li
     ``handle`` (a ``tracking.RunHandle`` or None) gets the epochs through :class:`pipelines.tracking.EpochLogger`;
     ``callbacks`` are further ``ray.train.UserCallback`` objects (a Tune trial passes Ray's ``TuneReportCallback``).
     """
-    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -342,7 +345,6 @@ def fit_on_ray(cfg: Config, handle: Any, *, verbose: bool = False, callbacks: li
     from pipelines.train_worker import SELECTION_SCORE, train_fn_per_worker
     from rgnet.config import to_dict
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one line per epoch instead
     user_callbacks: list[Any] = [EpochLogger(handle.uri, handle.run_id, cfg.train.epochs)] if handle is not None else []
     user_callbacks += callbacks or []
     resources = {"CPU": cfg.ray.cpus_per_worker} | ({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.use_gpu else {})
@@ -379,6 +381,7 @@ def run_ray(
     """Distributed training and evaluation (module docstring); returns the final reports, the best checkpoint path
     and the MLflow run id."""
     from pipelines import tracking
+    from pipelines.console import relaying
     from rgnet.data.dataset import open_split
     from rgnet.data.samples import steps_per_epoch
 
@@ -422,7 +425,7 @@ def run_ray(
     try:
         # 3. Ray
         t_ray = time.perf_counter()
-        connected = init_ray(cfg)
+        connected = init_ray(cfg, verbose=verbose)
         ray_start_s = time.perf_counter() - t_ray
         if not cfg.ray.address and not os.environ.get("RAY_ADDRESS"):
             check_resources(cfg)
@@ -435,7 +438,8 @@ def run_ray(
         )
         # 4. Train
         t_fit = time.perf_counter()
-        result = fit_on_ray(cfg, handle, verbose=verbose)
+        with contextlib.nullcontext() if verbose else relaying(ray_run_dir(cfg)):
+            result = fit_on_ray(cfg, handle, verbose=verbose)
         fit_s = time.perf_counter() - t_fit
         # 5. Evaluate the best checkpoint, log the artifacts
         t_final = time.perf_counter()

@@ -98,6 +98,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from pipelines.common import ray_run_dir
+    from pipelines.console import say
     from pipelines.data import WorkerSteps
     from rgnet.data.dataset import open_split
     from rgnet.data.samples import steps_per_epoch
@@ -116,6 +118,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()  # Ray: cpu, or this worker's GPU
     threads = set_threads(cfg.train.threads, int(cfg.ray.cpus_per_worker))
     group = step_group()  # the workers' step collectives (Ray Train set up torch.distributed)
+    run_key = ray_run_dir(cfg)
 
     train_data = open_split(cfg.data, cfg.data.train_split)  # metadata only: Ray Data tasks read the features
     t = cfg.train
@@ -132,12 +135,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     ckpt.init_weights_from(model, cfg)  # train.init_from (fine-tuning); Ray's resume checkpoint replaces it
     unused = parameters_without_gradient(model, cfg, fps)
     if unused and rank == 0:
-        log.warning(
-            "%d parameters get no gradient in this configuration (%s%s); DDP searches for unused parameters",
-            len(unused),
-            ", ".join(unused[:5]),
-            ", ..." if len(unused) > 5 else "",
-        )
+        more = ", ..." if len(unused) > 5 else ""
+        say(run_key, f"warning: {len(unused)} parameters get no gradient in this configuration "
+            f"({', '.join(unused[:5])}{more}); DDP searches for unused parameters", log)  # fmt: skip
     model = ray.train.torch.prepare_model(  # Ray: to the device, DDP when world > 1
         model, parallel_strategy_kwargs={"find_unused_parameters": bool(unused)}
     )
@@ -171,7 +171,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             if result.val_report is not None and result.val_rows is not None:
                 atomic_write_json(Path(d) / VAL_REPORT_FILE, {"epoch": result.epoch, **result.val_report})
                 write_predictions(Path(d) / VAL_PREDICTIONS_FILE, result.val_rows)
-            log.info(progress_line(entry, cfg))
+            say(run_key, progress_line(entry, cfg), log)  # one line per epoch on the driver's console
             ray.train.report(  # Ray: metrics + checkpoint, copied to the run's storage before this returns
                 {**metrics, **entry, SELECTION_SCORE: selection_score(value, result.epoch)},
                 checkpoint=ray.train.Checkpoint.from_directory(d),

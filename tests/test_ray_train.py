@@ -200,3 +200,67 @@ def test_two_workers_with_an_mlflow_server_survive_a_sigkilled_worker(
         out = tmp_path / "eval.json"
         assert evaluate_cli.main([*source, "--split", "val", "--set", "train.progress=false", "--out", str(out)]) == 0
         assert json.loads(out.read_text())["metrics"] == report_val["metrics"], source
+
+
+# Lines that come from Ray's internals, not from rgnet: a Ray process's forwarded output, Ray Train's result dicts,
+# Ray Data's execution plans and progress notes, deprecation and PreemptionWatcher warnings, Ray's own log format.
+RAY_CHATTER = (
+    r"^\(\w+ pid=\d+",
+    r"Reporting training result",
+    r"Execution plan of Dataset|Starting execution of Dataset|execution finished in",
+    r"Progress bars disabled",
+    r"DeprecationWarning|is deprecated",
+    r"PreemptionWatcher",
+    r"core_worker\.cc|raylet",
+    r"^\S+ \S+\s+(INFO|WARNING)\s+\S+\.py:\d+ --",
+)
+
+
+def _smoke_run(folder: Path, data_root: Path) -> tuple[str, dict[str, list[tuple[int, float]]]]:
+    """`rgnet train --smoke-test` in a fresh process (its own local Ray, its own MLflow store under ``folder``);
+    returns its console (stdout and stderr) and every MLflow metric's history."""
+    from mlflow import MlflowClient
+
+    folder.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "train", "--smoke-test", f"data.root={data_root}",
+         f"ray.storage_path={folder / 'ray_results'}", f"train.output_dir={folder / 'runs'}"],
+        cwd=folder, env=env, capture_output=True, text=True, timeout=500, check=False,
+    )  # fmt: skip
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-5000:]
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("time:"), proc.stdout[-2000:]  # the run's last line
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("rgnet").experiment_id])[0]
+    history = {
+        key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)] for key in run.data.metrics
+    }
+    return console, history
+
+
+TIMING = ("seconds", "per_s", "wait_s", "eval_s")  # wall-clock metrics differ between any two runs
+
+
+@pytest.mark.timeout(1200)
+def test_same_seed_same_metrics_and_a_quiet_console(tmp_path: Path) -> None:
+    """Two distributed runs (2 workers, 2 epochs, tiny preset) with the same seed log identical MLflow metrics; the
+    console of each holds one progress line per epoch, the tables and no line from Ray's internals."""
+    import re
+
+    from rgnet.config import load_config
+    from rgnet.data.synthetic import ensure_dataset
+
+    data_root = tmp_path / "data"
+    ensure_dataset(load_config("tiny", overrides=[f"data.root={data_root}"]).data)
+    first_console, first = _smoke_run(tmp_path / "first", data_root)
+    second_console, second = _smoke_run(tmp_path / "second", data_root)
+    kept = sorted(k for k in first if not k.endswith(TIMING))
+    assert kept and sorted(k for k in second if not k.endswith(TIMING)) == kept
+    assert {k: first[k] for k in kept} == {k: second[k] for k in kept}
+    for console in (first_console, second_console):
+        lines = console.splitlines()
+        chatter = [line for line in lines if any(re.search(p, line) for p in RAY_CHATTER)]
+        assert not chatter, chatter
+        assert [int(m.group(1)) for m in (re.match(r"epoch (\d+)/2: loss", line) for line in lines) if m] == [1, 2]
+        assert "test split (test), best checkpoint" in console
