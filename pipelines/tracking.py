@@ -374,6 +374,7 @@ def dataset_input(split: Any, context: str) -> Any:
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     digest, files = split_digest(split)
+    files = [str(Path(f).resolve()) for f in files]
     profile = {
         "num_rows": len(split.records),
         "num_videos": len({r.video_key for r in split.records}),
@@ -385,7 +386,7 @@ def dataset_input(split: Any, context: str) -> Any:
         name=f"{Path(split.root).name}/{split.split}",
         digest=digest,
         source_type="local",
-        source=json.dumps({"uri": str(split.annotation_path)}),
+        source=json.dumps({"uri": files[0]}),  # the annotation file, absolute
         profile=json.dumps(profile),
     )
     return DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT_TAG, context)])
