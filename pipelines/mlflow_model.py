@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -202,6 +203,8 @@ def log_best_model(handle: Any, checkpoint: Path, config_yaml: Path, best_epoch:
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import Model
 
+    from rgnet.train.checkpoint import CHECKPOINT_FILE
+
     client = handle.client()
     found = find_logged_model(client, handle.experiment_id, handle.run_id, best_epoch)
     if found is not None:
@@ -215,6 +218,10 @@ def log_best_model(handle: Any, checkpoint: Path, config_yaml: Path, best_epoch:
     )
     try:
         with tempfile.TemporaryDirectory() as tmp:
+            files = Path(tmp) / "files"  # the artifacts keep these names inside the model
+            files.mkdir()
+            shutil.copyfile(checkpoint, files / CHECKPOINT_FILE)
+            shutil.copyfile(config_yaml, files / "config.yaml")
             local = os.path.join(tmp, MODEL_NAME)
             meta = Model(
                 artifact_path=logged.artifact_location,
@@ -226,7 +233,10 @@ def log_best_model(handle: Any, checkpoint: Path, config_yaml: Path, best_epoch:
                 mlflow.pyfunc.save_model(
                     local,
                     python_model=str(ENTRY_FILE),
-                    artifacts={CHECKPOINT_ARTIFACT: str(checkpoint), CONFIG_ARTIFACT: str(config_yaml)},
+                    artifacts={
+                        CHECKPOINT_ARTIFACT: str(files / CHECKPOINT_FILE),
+                        CONFIG_ARTIFACT: str(files / "config.yaml"),
+                    },
                     mlflow_model=meta,
                     pip_requirements=pip_requirements(),
                     metadata={"best_epoch": best_epoch, "input_fields": list(INPUT_FIELDS)},

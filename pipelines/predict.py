@@ -207,7 +207,7 @@ def _features(value: FeatureInput, *, kind: str, dim: int, rank: int = 2) -> tup
     return check_features(arr, source=f"the {kind} array", key=kind, kind=kind, dim=dim, rank=rank), kind, None
 
 
-def ground_query(
+def query_inputs(
     model: Any,
     cfg: Config,
     *,
@@ -216,14 +216,10 @@ def ground_query(
     query_features: FeatureInput | None = None,
     sentence_features: FeatureInput | None = None,
     fps: float | None = None,
-    top: int = 10,
-    device: Any = None,
-    keep_sampling_scores: bool = False,
-) -> Any:
-    """The top ``top`` moments of one query in one video: what ``rgnet predict --video`` and the logged MLflow model
-    (:mod:`pipelines.mlflow_model`) both run. Features are file specs or arrays; returns a
-    :class:`rgnet.predict.Grounding`."""
-    from rgnet.predict import ground, needs_sentence, resolve_fps, text_tokens
+) -> dict[str, Any]:
+    """The arguments of :func:`rgnet.predict.ground` for one query: features read (file specs) or checked (arrays),
+    the rate resolved, the query's tokens read or encoded."""
+    from rgnet.predict import needs_sentence, resolve_fps, text_tokens
 
     frames, key, stored_fps = _features(video, kind="video", dim=cfg.data.video_dim)
     rate = resolve_fps(cfg, fps, stored_fps, video if isinstance(video, str) else "the video array")
@@ -241,19 +237,23 @@ def ground_query(
             "and needs the query's sentence feature: pass --sentence-features F[:KEY] (the MLflow model: "
             "'sentence_features')"
         )
-    return ground(
-        model,
-        cfg,
-        frames,
-        rate,
-        tokens,
-        video=key.rsplit("/", 1)[-1],
-        query=query or "",
-        sentence=sentence,
-        top_n=top,
-        device=device,
-        keep_sampling_scores=keep_sampling_scores,
-    )
+    return {
+        "frames": frames,
+        "fps": rate,
+        "tokens": tokens,
+        "video": key.rsplit("/", 1)[-1],
+        "query": query or "",
+        "sentence": sentence,
+    }
+
+
+def ground_query(model: Any, cfg: Config, *, top: int = 10, device: Any = None, **inputs: Any) -> Any:
+    """The top ``top`` moments of one query in one video (``inputs``: those of :func:`query_inputs`): what ``rgnet
+    predict --video`` and the logged MLflow model (:mod:`pipelines.mlflow_model`) both run; returns a
+    :class:`rgnet.predict.Grounding`."""
+    from rgnet.predict import ground
+
+    return ground(model, cfg, **query_inputs(model, cfg, **inputs), top_n=top, device=device)
 
 
 def predict_one(args: argparse.Namespace, model: Any, cfg: Config) -> dict[str, Any]:
@@ -266,19 +266,21 @@ def predict_one(args: argparse.Namespace, model: Any, cfg: Config) -> dict[str, 
         raise ValueError("give the sentence with --query (and --query-features for models without a text encoder)")
     if args.top < 1:
         raise ValueError(f"--top must be >= 1, got {args.top}")
-    device = resolve_device(cfg.train.device)
-    t0 = time.perf_counter()
-    answer = ground_query(
-        model.to(device),
+    from rgnet.predict import ground
+
+    inputs = query_inputs(
+        model,
         cfg,
         video=args.video,
         query=args.query,
         query_features=args.query_features or None,
         sentence_features=args.sentence_features or None,
         fps=args.fps,
-        top=args.top,
-        device=device,
-        keep_sampling_scores=bool(args.plot_dir),
+    )
+    device = resolve_device(cfg.train.device)
+    t0 = time.perf_counter()
+    answer = ground(
+        model.to(device), cfg, **inputs, top_n=args.top, device=device, keep_sampling_scores=bool(args.plot_dir)
     )
     elapsed = time.perf_counter() - t0
     out = answer.to_json()

@@ -162,6 +162,8 @@ def test_logged_model_predicts_what_rgnet_predict_prints(
     logged = client.get_logged_model(model_id)
     assert logged.name == "model" and logged.source_run_id == handle.run_id and str(logged.status) == "READY"
     assert logged.tags[mlflow_model.BEST_EPOCH_TAG] == "3"
+    files = {f.path for f in client.list_logged_model_artifacts(model_id, "artifacts")}
+    assert files == {"artifacts/checkpoint.pt", "artifacts/config.yaml"}
     version = client.get_model_version("rgnet-test", registered.rsplit("/", 1)[1])
     assert version.run_id == handle.run_id and version.source == logged.artifact_location
     versions = json.loads(client.get_logged_model(model_id).tags[MLFLOW_MODEL_VERSIONS])
@@ -355,3 +357,28 @@ def test_trial_runs_get_tunes_verdict(tmp_path: Path, store: str) -> None:
     assert tracking.mark_interrupted_children(parent) == 1  # only the one still RUNNING
     assert state("running") == ("KILLED", None, None)
     assert state("done") == ("FINISHED", None, None)
+
+
+def test_tune_loggers_are_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+    from ray.tune.utils.callback import _create_default_callbacks
+
+    from pipelines.tune import no_default_loggers, tune_loggers
+
+    kinds = [type(c) for c in tune_loggers("json")]
+    assert kinds == [JsonLoggerCallback]  # the default: the summary reads result.json
+    assert [type(c) for c in tune_loggers("csv, tensorboard")] == [
+        JsonLoggerCallback,
+        CSVLoggerCallback,
+        TBXLoggerCallback,
+    ]
+    with pytest.raises(ValueError, match="unknown logger"):
+        tune_loggers("json,tensorbord")
+    # Tune itself adds no logger while the sweep runs, and the variable is restored afterwards
+    monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", raising=False)
+    with no_default_loggers():
+        made = _create_default_callbacks(tune_loggers("json"), metric="m", mode="min")
+    assert not any(isinstance(c, (CSVLoggerCallback, TBXLoggerCallback)) for c in made)
+    assert sum(isinstance(c, JsonLoggerCallback) for c in made) == 1
+    assert "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ
+    assert any(isinstance(c, TBXLoggerCallback) for c in _create_default_callbacks([], metric="m", mode="min"))
