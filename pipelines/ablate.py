@@ -268,10 +268,10 @@ def log_table(
             have = client.get_run(child.run_id).data.metrics
             ts = int(time.time() * 1000)
             final = [Metric("best_epoch", float(best_epoch), ts, best_epoch)]
-            for split in ("val", "test"):
-                ds = inputs[split].dataset
-                for k, v in row[split].items():
-                    key = tracking.metric_key(f"final_{split}/{k}")
+            for context in ("val", "test"):
+                ds = inputs[context].dataset
+                for k, v in row[context].items():
+                    key = tracking.metric_key(f"final_{context}/{k}")
                     final.append(Metric(key, float(v), ts, best_epoch, dataset_name=ds.name, dataset_digest=ds.digest))
             new = [m for m in final if have.get(m.key) != m.value]  # a re-run of the same table logs nothing again
             if new:

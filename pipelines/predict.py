@@ -332,6 +332,7 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
     split = split_name(cfg, args.split)
     data = open_split(cfg.data, split)  # fails here, before Ray starts, on a missing or malformed split
     records, videos = data.records, video_table(data)
+    data_input = tracking.dataset_input(data, split) if cfg.tracking.enabled and not args.no_tracking else None
     data.close()
     out_dir = Path(args.out or f"predictions/{cfg.train.run_name}-{split}").resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -342,8 +343,12 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
         if args.tracking_uri:
             cfg = apply_overrides(cfg, [f"tracking.uri={args.tracking_uri}"])
         handle = tracking.open_run(
-            cfg, run_key=f"predict:{source}:{split}", tags={"rgnet.job": "predict", "rgnet.model": source}
+            cfg,
+            run_key=f"predict:{source}:{split}",
+            tags={"rgnet.job": "predict", "rgnet.model": source},
+            command="rgnet predict",
         )
+        handle.client().log_inputs(handle.run_id, datasets=[data_input])
 
     connected = init_ray(cfg)
     status = "FAILED"
