@@ -148,15 +148,21 @@ class RGNetPyfunc(mlflow.pyfunc.PythonModel):
 # Logging (driver side, through an MlflowClient bound to the run's store: no process-wide MLflow state is changed)
 # ---------------------------------------------------------------------------------------------------------------
 @contextmanager
-def _quiet_signature_warning() -> Iterator[None]:
-    """save_model warns that no signature could be inferred; the module docstring says why there is none."""
+def _quiet_save() -> Iterator[None]:
+    """save_model warns that no signature could be inferred (the module docstring says why there is none) and draws a
+    progress bar for each artifact it copies into the model; neither tells the user anything."""
     logger = logging.getLogger("mlflow.pyfunc")
-    level = logger.level
+    level, bar = logger.level, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     logger.setLevel(logging.ERROR)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
         yield
     finally:
         logger.setLevel(level)
+        if bar is None:
+            del os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"]
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
 
 
 def pip_requirements() -> list[str]:
@@ -229,7 +235,7 @@ def log_best_model(handle: Any, checkpoint: Path, config_yaml: Path, best_epoch:
                 run_id=handle.run_id,
                 model_id=logged.model_id,
             )
-            with _quiet_signature_warning():
+            with _quiet_save():
                 mlflow.pyfunc.save_model(
                     local,
                     python_model=str(ENTRY_FILE),
