@@ -491,12 +491,13 @@ class EpochLogger(ray.train.UserCallback):
 # ---------------------------------------------------------------------------------------------------------------
 def trial_outcome(error: str | None, epochs: int, total_epochs: int) -> tuple[str, dict[str, str]]:
     """(MLflow status, tags) of a trial's child run: FAILED when it raised, FINISHED when it reported all its epochs
-    (whether it returned or ASHA stopped it at ``max_t`` right after the last one), KILLED when stopped earlier."""
+    (whether it returned or ASHA stopped it at ``max_t`` right after the last one), KILLED when stopped earlier --
+    tagged ``rgnet.stopped_early`` when it had reported an epoch (ASHA only stops trials on their results)."""
     if error is not None:
         return "FAILED", {"rgnet.error": error[:4000]}
     if epochs >= total_epochs:
         return "FINISHED", {}
-    return "KILLED", {"rgnet.stopped_early": "true"}
+    return "KILLED", ({"rgnet.stopped_early": "true"} if epochs > 0 else {})
 
 
 def settle_run(client: Any, run_id: str, status: str, tags: dict[str, str], error: str | None = None) -> None:
@@ -558,9 +559,10 @@ class TrialRunStatus(ray.tune.Callback):
         self._settle_trial(trial, str(err) if err is not None else "the trial failed (no error text recorded)")
 
 
-def mark_interrupted_children(parent: Any) -> int:
-    """Ctrl-C: child runs still RUNNING belong to trials Tune will resume on restore; mark them KILLED meanwhile
-    (a restored trial reopens its run).  Returns how many were marked."""
+def mark_unfinished_children(parent: Any) -> int:
+    """Child runs still RUNNING when ``Tuner.fit`` has returned belong to no running trial: after Ctrl-C, trials Tune
+    resumes on restore (which reopens their runs); otherwise trials Tune ended without a result or a callback.  Mark
+    them KILLED.  Returns how many were marked."""
     client = parent.client()
     children = client.search_runs(
         [parent.experiment_id],

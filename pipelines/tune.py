@@ -357,7 +357,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         if done < expected:  # Ctrl-C: Tune saved the sweep and returned early (it does not raise)
             status = "KILLED"
             if parent is not None:
-                tracking.mark_interrupted_children(parent)
+                tracking.mark_unfinished_children(parent)
             print(
                 f"sweep {name} interrupted after {done} of {expected} trials; the same command resumes it "
                 "(finished trials are kept)",
@@ -365,6 +365,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
             )
             return {"interrupted": True, "finished_trials": done, "trials": expected}
         summary = summarise(results, space, base, metric, mode, name, args, parent)
+        if parent is not None:
+            tracking.mark_unfinished_children(parent)
         status = "FINISHED"
         return summary
     except (KeyboardInterrupt, SystemExit):
@@ -400,7 +402,7 @@ def summarise(
                 "trial_id": last.get("trial_id"),
                 "point": point,
                 "epochs": epochs,
-                "stopped_early": r.error is None and epochs < trial_config(base, space, point).train.epochs,
+                "stopped_early": r.error is None and 0 < epochs < trial_config(base, space, point).train.epochs,
                 "error": None if r.error is None else f"{type(r.error).__name__}: {r.error}"[:500],
                 "last": values[-1] if values else None,  # what Tune ranks by
                 "best": pick(values) if values else None,  # the trial's best epoch
@@ -423,7 +425,7 @@ def summarise(
     print(f"\n{'trial':<12} {'epochs':>6} {'last ' + metric:>20} {'best epoch':>11}  point")
     for row in rows:
         last_s, best_s = ("error", "") if row["error"] else (fmt(row["last"]), fmt(row["best"]))
-        flag = "  (stopped by ASHA)" if row["stopped_early"] else ""
+        flag = "  (stopped by ASHA)" if row["stopped_early"] else ("  (no result)" if row["last"] is None else "")
         print(f"{row['trial_id']!s:<12} {row['epochs']:>6} {last_s:>20} {best_s:>11}  {json.dumps(row['point'])}{flag}")
     print(
         f"\nbest trial: {best_row['trial_id']} (the {'highest' if mode == 'max' else 'lowest'} {metric} at its last "

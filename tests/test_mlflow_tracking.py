@@ -306,6 +306,7 @@ def test_trial_outcome_rule() -> None:
     assert tracking.trial_outcome(None, 2, 2) == ("FINISHED", {})
     assert tracking.trial_outcome(None, 3, 2) == ("FINISHED", {})
     assert tracking.trial_outcome(None, 1, 2) == ("KILLED", {"rgnet.stopped_early": "true"})
+    assert tracking.trial_outcome(None, 0, 2) == ("KILLED", {})  # ended without a result: not ASHA's doing
     assert tracking.trial_outcome("ValueError: boom", 2, 2) == ("FAILED", {"rgnet.error": "ValueError: boom"})
 
 
@@ -354,7 +355,7 @@ def test_trial_runs_get_tunes_verdict(tmp_path: Path, store: str) -> None:
     assert state("late") == ("KILLED", "true", None)
     assert state("restored") == ("FINISHED", None, None)
 
-    assert tracking.mark_interrupted_children(parent) == 1  # only the one still RUNNING
+    assert tracking.mark_unfinished_children(parent) == 1  # only the one still RUNNING
     assert state("running") == ("KILLED", None, None)
     assert state("done") == ("FINISHED", None, None)
 
