@@ -34,6 +34,8 @@ MLflow metric names cannot contain ``@``: ``R1@0.3`` is logged as ``R1_at_0.3`` 
 
 from __future__ import annotations
 
+import contextlib
+import getpass
 import hashlib
 import json
 import logging
@@ -176,7 +178,8 @@ def git_commit() -> str:
 
 
 def source_tags(command: str) -> dict[str, str]:
-    """MLflow's standard source tags (what the UI's Source column and run page show) for code run as ``command``.
+    """MLflow's standard source tags (what the UI's Source column and run page show) for code run as ``command``, and
+    ``mlflow.user``.
 
     ``mlflow.source.name`` is the rgnet command; the git tags describe the checkout this package runs from and are
     absent where there is none (a Ray job's uploaded working dir)."""
@@ -184,6 +187,8 @@ def source_tags(command: str) -> dict[str, str]:
     from mlflow.utils import mlflow_tags as t
 
     tags = {t.MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL), t.MLFLOW_SOURCE_NAME: command}
+    with contextlib.suppress(KeyError, OSError):  # no user name for this uid (some containers)
+        tags[t.MLFLOW_USER] = getpass.getuser()  # the UI's "Created by"
     head = _git("rev-parse", "HEAD")
     if head:
         tags[t.MLFLOW_GIT_COMMIT] = head

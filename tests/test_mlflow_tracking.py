@@ -277,7 +277,7 @@ def test_datasets_and_source_tags(tiny: tuple[Path, Path, Path], tmp_path: Path,
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert tags["mlflow.source.name"] == "rgnet train" and tags["mlflow.source.type"] == "LOCAL"
     assert tags["mlflow.source.git.commit"] == head and tags["mlflow.source.git.dirty"] in ("true", "false")
-    assert "git_commit" not in tags and "dataset" not in tags
+    assert "git_commit" not in tags and "dataset" not in tags and tags["mlflow.user"]
 
     # the digest follows the content, not the path
     copy = tmp_path / "copy"
