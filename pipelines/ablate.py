@@ -16,6 +16,14 @@ in 30.5 minutes where one two-thread run takes 5.0 minutes per variant (about 1.
 scale to the second thread.  Never run several multi-threaded torch processes on the same cores: the threads
 spin-wait on each other (two two-thread training steps on 2 cores took 5x as long as two one-thread ones here).
 
+MLflow (``--tracking``, on by default when ``tracking.enabled``): one parent run per table (``ablate-<name>``,
+found again by a re-run; the table, its JSON and the plot as artifacts under ``ablation/``) and one child run per row
+and seed (``<variant>-seed<seed>``, tags ``rgnet.variant`` and ``rgnet.seed``, the untrained row included), holding
+the variant's config as params, its per-epoch ``train/*`` and ``val/*`` metrics under the names ``rgnet train`` logs,
+``final_val/*`` and ``final_test/*`` of its best checkpoint, and its datasets: the rows sit next to training runs and
+sweeps in the UI.  The runs are logged by this process after the children finish (the children train with
+``--local``, without MLflow); a re-run adds nothing that is already there.
+
 This is the local, file-based twin of ``rgnet tune --space ablations`` (Ray Tune grid, MLflow parent/child runs,
 validation metrics only); use that on a cluster.
 """
@@ -58,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="output folder under train.output_dir (default: the space file's name)")
     p.add_argument("--parallel", type=int, default=1, help="variants trained at once (default: %(default)s)")
     p.add_argument("--fresh", action="store_true", help="delete earlier runs of this table and start over")
+    p.add_argument(
+        "--tracking",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="log the table to MLflow: a parent run, a child run per variant and seed (default: tracking.enabled)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides on top of the space's base config"
@@ -174,6 +188,101 @@ def markdown_table(table: dict[str, Any], changes: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# MLflow: the table as a parent run, a child run per row and seed
+# ---------------------------------------------------------------------------------------------------------------
+# rgnet train --local keeps bare names in history.json; these are its training ones (the rest are validation metrics),
+# the split write_epoch_plots in pipelines.train makes
+TRAIN_KEYS = ("loss", "pairs_per_s", "queries_per_s", "lr", "steps", "seconds")
+
+
+def epoch_entries(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A local run's history under the metric names a distributed ``rgnet train`` run logs (``train/loss``,
+    ``val/R1@0.3``, ...), so the UI compares them."""
+    out = []
+    for h in history:
+        entry: dict[str, Any] = {"epoch": h["epoch"]}
+        for k, v in h.items():
+            if k != "epoch":
+                entry[f"train/{k}" if k.startswith(TRAIN_KEYS) else f"val/{k}"] = v
+        out.append(entry)
+    return out
+
+
+def log_table(
+    table: dict[str, Any],
+    configs: dict[str, Config],
+    full: Config,
+    out_dir: Path,
+    space: SearchSpace,
+    name: str,
+    fresh: bool,
+) -> str:
+    """The ablation table in MLflow (module docstring); returns the parent run's UI address."""
+    from mlflow.entities import Metric
+
+    from pipelines import tracking
+    from pipelines.common import split_name
+    from rgnet.config import from_dict
+    from rgnet.data.dataset import open_split
+
+    parent_cfg = from_dict({"train": {"run_name": f"ablate-{name}"}}, full)
+    tags = {"rgnet.ablation": name}
+    parent = tracking.open_run(
+        parent_cfg, run_key=f"ablate:{out_dir}", preset=space.preset, fresh=fresh, tags=tags, command="rgnet ablate"
+    )
+    status = "FAILED"
+    try:
+        splits = {c: open_split(full.data, split_name(full, c)) for c in ("train", "val", "test")}
+        inputs = {c: tracking.dataset_input(split, c) for c, split in splits.items()}  # every row trains on these
+        for split in splits.values():
+            split.close()
+        parent.client().log_inputs(parent.run_id, datasets=list(inputs.values()))
+        for file in ("ablation.md", "ablation.json", "ablation.png"):
+            parent.client().log_artifact(parent.run_id, str(out_dir / file), "ablation")
+        for row in table["rows"]:
+            variant = row["variant"]
+            cfg = configs.get(variant, full)
+            if cfg.data != full.data:
+                raise ConfigError(f"variant {variant} changes data.*: an ablation table compares models on one dataset")
+            seed = cfg.train.seed
+            cfg = from_dict({"train": {"run_name": f"{variant}-seed{seed}"}}, cfg)
+            child = tracking.open_run(
+                cfg,
+                run_key=f"ablate:{out_dir}/{variant}/seed{seed}",
+                preset=space.preset,
+                fresh=fresh,
+                tags={**tags, "mlflow.parentRunId": parent.run_id, "rgnet.variant": variant, "rgnet.seed": str(seed)},
+                command="rgnet ablate",
+            )
+            client = child.client()
+            client.log_inputs(child.run_id, datasets=list(inputs.values()))
+            run_dir = out_dir / variant
+            best_epoch = 0
+            if variant != UNTRAINED:
+                history = json.loads((run_dir / "history.json").read_text())
+                tracking.EpochLogger(child.uri, child.run_id, len(history)).log_history(epoch_entries(history))
+                best_epoch = int(json.loads((run_dir / "best_val_report.json").read_text())["epoch"])
+                for file in ("report_val.json", "report_test.json", "history.json"):
+                    client.log_artifact(child.run_id, str(run_dir / file), "reports")
+            have = client.get_run(child.run_id).data.metrics
+            ts = int(time.time() * 1000)
+            final = [Metric("best_epoch", float(best_epoch), ts, best_epoch)]
+            for context in ("val", "test"):
+                ds = inputs[context].dataset
+                for k, v in row[context].items():
+                    key = tracking.metric_key(f"final_{context}/{k}")
+                    final.append(Metric(key, float(v), ts, best_epoch, dataset_name=ds.name, dataset_digest=ds.digest))
+            new = [m for m in final if have.get(m.key) != m.value]  # a re-run of the same table logs nothing again
+            if new:
+                client.log_batch(child.run_id, metrics=new)
+            tracking.finish(child, "FINISHED")
+        status = "FINISHED"
+    finally:
+        tracking.finish(parent, status)
+    return tracking.run_url(parent.uri, parent.experiment_id, parent.run_id)
+
+
 def _describe(bundle: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in bundle.items()) or "(none: RGNet as configured)"
 
@@ -224,6 +333,11 @@ def _main(args: argparse.Namespace) -> int:
     print(text)
     print(f"table: {out_dir / 'ablation.md'}  plot: {out_dir / 'ablation.png'}")
     print(f"every metric of every row: {out_dir / 'ablation.json'}")
+    if base.tracking.enabled if args.tracking is None else args.tracking:
+        from pipelines.tracking import resolve_uri, ui_command
+
+        url = log_table(table, configs, full, out_dir, space, args.name or space.path.stem, args.fresh)
+        print(f"MLflow: {ui_command(resolve_uri(full.tracking.uri))}, then {url}")
     return 0
 
 

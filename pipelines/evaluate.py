@@ -236,24 +236,16 @@ def evaluate_prediction_file(args: argparse.Namespace) -> dict[str, Any]:
 # Mode: model checkpoint on a split
 # ---------------------------------------------------------------------------------------------------------------
 def load_model_uri(uri: str, tracking_uri: str | None) -> dict[str, Any]:
-    """Download an MLflow model folder (runs:/ or models:/ URI) and load its ``checkpoint.pt`` payload."""
+    """The checkpoint payload of an MLflow model (runs:/ or models:/ URI): the pyfunc model ``rgnet train`` logs, or
+    the plain model folder of runs logged before it (:func:`pipelines.mlflow_model.load_payload`)."""
     import os
-    import tempfile
 
-    import mlflow.artifacts
-
+    from pipelines.mlflow_model import load_payload
     from pipelines.tracking import probe, resolve_uri
-    from rgnet.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
 
     store = resolve_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
     probe(store)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=store, dst_path=tmp)
-        except Exception as e:
-            raise FileNotFoundError(f"cannot download {uri} from the MLflow store {store}: {e}") from e
-        path = os.path.join(local, CHECKPOINT_FILE) if os.path.isdir(local) else local
-        return load_checkpoint(path)
+    return load_payload(uri, store)
 
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:

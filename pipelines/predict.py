@@ -192,16 +192,72 @@ def timeline_plot(answer: Any, out_dir: Path, top_k_windows: int) -> Path:
     )
 
 
+FeatureInput = str | np.ndarray  # "PATH[:KEY]" of a feature file, or the array itself
+
+
+def _features(value: FeatureInput, *, kind: str, dim: int, rank: int = 2) -> tuple[np.ndarray, str, float | None]:
+    """(float32 array, key, fps attribute or None) of a feature file spec or an in-memory array."""
+    from rgnet.predict import FeatureSource, check_features, read_features
+
+    if isinstance(value, str | Path):
+        return read_features(FeatureSource.parse(str(value)), kind=kind, dim=dim, rank=rank)
+    arr = np.asarray(value)
+    if kind == "sentence" and arr.ndim == 1:
+        arr = arr[None]  # (Dv,) -> (1, Dv)
+    return check_features(arr, source=f"the {kind} array", key=kind, kind=kind, dim=dim, rank=rank), kind, None
+
+
+def query_inputs(
+    model: Any,
+    cfg: Config,
+    *,
+    video: FeatureInput,
+    query: str | None = None,
+    query_features: FeatureInput | None = None,
+    sentence_features: FeatureInput | None = None,
+    fps: float | None = None,
+) -> dict[str, Any]:
+    """The arguments of :func:`rgnet.predict.ground` for one query: features read (file specs) or checked (arrays),
+    the rate resolved, the query's tokens read or encoded."""
+    from rgnet.predict import needs_sentence, resolve_fps, text_tokens
+
+    frames, key, stored_fps = _features(video, kind="video", dim=cfg.data.video_dim)
+    rate = resolve_fps(cfg, fps, stored_fps, video if isinstance(video, str) else "the video array")
+    if query_features is not None:
+        tokens, qkey, _ = _features(query_features, kind="text", dim=cfg.data.text_dim)
+        query = query or qkey
+    else:
+        tokens = text_tokens(cfg, query or "")
+    sentence = None
+    if sentence_features is not None:
+        sentence = _features(sentence_features, kind="sentence", dim=cfg.data.video_dim)[0][0]
+    elif needs_sentence(model, cfg):
+        raise ValueError(
+            "this model ranks windows by frozen-feature similarity (model.retrieval=none or eval.fusion=matching) "
+            "and needs the query's sentence feature: pass --sentence-features F[:KEY] (the MLflow model: "
+            "'sentence_features')"
+        )
+    return {
+        "frames": frames,
+        "fps": rate,
+        "tokens": tokens,
+        "video": key.rsplit("/", 1)[-1],
+        "query": query or "",
+        "sentence": sentence,
+    }
+
+
+def ground_query(model: Any, cfg: Config, *, top: int = 10, device: Any = None, **inputs: Any) -> Any:
+    """The top ``top`` moments of one query in one video (``inputs``: those of :func:`query_inputs`): what ``rgnet
+    predict --video`` and the logged MLflow model (:mod:`pipelines.mlflow_model`) both run; returns a
+    :class:`rgnet.predict.Grounding`."""
+    from rgnet.predict import ground
+
+    return ground(model, cfg, **query_inputs(model, cfg, **inputs), top_n=top, device=device)
+
+
 def predict_one(args: argparse.Namespace, model: Any, cfg: Config) -> dict[str, Any]:
     from rgnet.io import atomic_write_json
-    from rgnet.predict import (
-        FeatureSource,
-        ground,
-        needs_sentence,
-        read_features,
-        resolve_fps,
-        text_tokens,
-    )
     from rgnet.train.loop import resolve_device
 
     if args.query is not None and not args.query.strip():
@@ -210,39 +266,21 @@ def predict_one(args: argparse.Namespace, model: Any, cfg: Config) -> dict[str, 
         raise ValueError("give the sentence with --query (and --query-features for models without a text encoder)")
     if args.top < 1:
         raise ValueError(f"--top must be >= 1, got {args.top}")
-    video_src = FeatureSource.parse(args.video)
-    frames, key, stored_fps = read_features(video_src, kind="video", dim=cfg.data.video_dim)
-    fps = resolve_fps(cfg, args.fps, stored_fps, video_src)
-    if args.query_features:
-        tokens, qkey, _ = read_features(FeatureSource.parse(args.query_features), kind="text", dim=cfg.data.text_dim)
-        query = args.query or qkey
-    else:
-        tokens, query = text_tokens(cfg, args.query), args.query
-    sentence = None
-    if args.sentence_features:
-        sent, _, _ = read_features(
-            FeatureSource.parse(args.sentence_features), kind="sentence", dim=cfg.data.video_dim, rank=2
-        )
-        sentence = sent[0]
-    elif needs_sentence(model, cfg):
-        raise ValueError(
-            "this model ranks windows by frozen-feature similarity (model.retrieval=none or eval.fusion=matching) "
-            "and needs the query's sentence feature: pass --sentence-features F[:KEY]"
-        )
+    from rgnet.predict import ground
+
+    inputs = query_inputs(
+        model,
+        cfg,
+        video=args.video,
+        query=args.query,
+        query_features=args.query_features or None,
+        sentence_features=args.sentence_features or None,
+        fps=args.fps,
+    )
     device = resolve_device(cfg.train.device)
     t0 = time.perf_counter()
     answer = ground(
-        model.to(device),
-        cfg,
-        frames,
-        fps,
-        tokens,
-        video=key.rsplit("/", 1)[-1],
-        query=query,
-        sentence=sentence,
-        top_n=args.top,
-        device=device,
-        keep_sampling_scores=bool(args.plot_dir),
+        model.to(device), cfg, **inputs, top_n=args.top, device=device, keep_sampling_scores=bool(args.plot_dir)
     )
     elapsed = time.perf_counter() - t0
     out = answer.to_json()
@@ -294,6 +332,7 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
     split = split_name(cfg, args.split)
     data = open_split(cfg.data, split)  # fails here, before Ray starts, on a missing or malformed split
     records, videos = data.records, video_table(data)
+    data_input = tracking.dataset_input(data, split) if cfg.tracking.enabled and not args.no_tracking else None
     data.close()
     out_dir = Path(args.out or f"predictions/{cfg.train.run_name}-{split}").resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -304,8 +343,12 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
         if args.tracking_uri:
             cfg = apply_overrides(cfg, [f"tracking.uri={args.tracking_uri}"])
         handle = tracking.open_run(
-            cfg, run_key=f"predict:{source}:{split}", tags={"rgnet.job": "predict", "rgnet.model": source}
+            cfg,
+            run_key=f"predict:{source}:{split}",
+            tags={"rgnet.job": "predict", "rgnet.model": source},
+            command="rgnet predict",
         )
+        handle.client().log_inputs(handle.run_id, datasets=[data_input])
 
     connected = init_ray(cfg)
     status = "FAILED"

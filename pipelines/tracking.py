@@ -17,11 +17,26 @@ Who writes what:
 * After training, the driver logs the artifacts (best model, its validation predictions, final reports, plots) and
   marks the run FINISHED (FAILED / KILLED when training raised or was interrupted).
 
+What MLflow's UI shows, and where it comes from here:
+
+* experiments created here carry ``mlflow.experimentKind = custom_model_development`` (:func:`ensure_experiment`);
+  MLflow 3.17's own UI decides between its GenAI and model-training views from a sidebar switch kept per browser
+  (``?workflowType=machine_learning`` in the URL sets it), so every link printed here carries that parameter
+  (:func:`run_url`);
+* the Source column: MLflow's standard ``mlflow.source.*`` tags (:func:`source_tags`: command, git commit, branch,
+  dirty flag);
+* the Dataset column: each split a run trains or evaluates on, logged as an MLflow dataset input
+  (:func:`log_datasets`; the digest is described in :func:`split_digest`);
+* the Models column: the best checkpoint as an MLflow model (:mod:`pipelines.mlflow_model`).
+
 MLflow metric names cannot contain ``@``: ``R1@0.3`` is logged as ``R1_at_0.3`` (:func:`metric_key`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import getpass
+import hashlib
 import json
 import logging
 import os
@@ -30,11 +45,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray.train
+import ray.tune
 
 from pipelines.common import SetupError
 from rgnet.config import Config, to_dict, to_yaml
@@ -45,6 +61,13 @@ EPOCH_KEY = "epoch"  # marker metric: its steps are the epochs MLflow holds
 RUN_KEY_TAG = "rgnet.run_key"
 HISTORY_FILE = "history.json"
 PROBE_TIMEOUT_S = 5.0
+# The experiment tag MLflow 3's UI reads for an experiment's kind, and the kind of a model-training experiment (the
+# values of the UI's ExperimentKind enum, also what its own "experiment type" selector writes).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+UI_VIEW_PARAM = "workflowType=machine_learning"  # MLflow 3.17's UI: open the model-training view, not GenAI
+DATASET_CONTEXT_TAG = "mlflow.data.context"  # train / val / test on a dataset input
+HASHED_EDGE_BYTES = 1 << 20  # a feature file's digest covers its size and its first and last MiB
 
 
 class TrackingError(SetupError):
@@ -111,6 +134,15 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri} --port 5000"
 
 
+def run_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The UI address of a run (or of the experiment), in MLflow 3's model-training view.
+
+    A local store is served by :func:`ui_command` on port 5000; a server URI is its own UI."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}/{page}?{UI_VIEW_PARAM}"
+
+
 def metric_key(name: str) -> str:
     """A report key as an MLflow metric name: ``val/R1@0.3`` -> ``val/R1_at_0.3``."""
     return name.replace("@", "_at_")
@@ -127,24 +159,47 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def git_commit() -> str:
-    """The commit of the code that runs (``unknown`` outside a git checkout, e.g. in a Ray job's working dir)."""
+def _git(*args: str) -> str | None:
     here = Path(__file__).resolve().parent.parent
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
+        out = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=5, check=True)
     except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def git_commit() -> str:
+    """The commit of the code that runs, ``-dirty`` when tracked files changed (``unknown`` outside a git checkout,
+    e.g. in a Ray job's working dir)."""
+    head = _git("rev-parse", "HEAD")
+    if not head:
         return "unknown"
-    return head + ("-dirty" if dirty else "")
+    return head + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def source_tags(command: str) -> dict[str, str]:
+    """MLflow's standard source tags (what the UI's Source column and run page show) for code run as ``command``, and
+    ``mlflow.user``.
+
+    ``mlflow.source.name`` is the rgnet command; the git tags describe the checkout this package runs from and are
+    absent where there is none (a Ray job's uploaded working dir)."""
+    from mlflow.entities import SourceType
+    from mlflow.utils import mlflow_tags as t
+
+    tags = {t.MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL), t.MLFLOW_SOURCE_NAME: command}
+    with contextlib.suppress(KeyError, OSError):  # no user name for this uid (some containers)
+        tags[t.MLFLOW_USER] = getpass.getuser()  # the UI's "Created by"
+    head = _git("rev-parse", "HEAD")
+    if head:
+        tags[t.MLFLOW_GIT_COMMIT] = head
+        tags[t.MLFLOW_GIT_DIRTY] = str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()
+        branch = _git("rev-parse", "--abbrev-ref", "HEAD")
+        if branch and branch != "HEAD":
+            tags[t.MLFLOW_GIT_BRANCH] = branch
+        remote = _git("config", "--get", "remote.origin.url")
+        if remote:
+            tags[t.MLFLOW_GIT_REPO_URL] = remote
+    return tags
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,6 +211,8 @@ class RunHandle:
     experiment_id: str
     run_id: str
     resumed: bool  # an existing run (of an interrupted or finished attempt) was reused
+    # context (train / val / test) -> (name, digest) of the datasets logged as the run's inputs (log_datasets)
+    datasets: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def client(self) -> Any:
         from mlflow import MlflowClient
@@ -163,16 +220,23 @@ class RunHandle:
         return MlflowClient(self.uri)
 
 
-def _experiment_id(client: Any, name: str, uri: str) -> str:
+def ensure_experiment(client: Any, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created if absent, tagged as a model-training experiment.
+
+    An existing experiment without a kind gets the tag; one whose kind a user chose in the UI keeps it."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
         return str(exp.experiment_id)
     db = sqlite_path(uri)
     # With a SQLite store MLflow would put artifacts under ./mlruns of whichever directory the driver runs in (a
     # Ray job's is temporary): keep them next to the database instead.
     location = (db.parent / "mlartifacts" / name).as_uri() if db is not None else None
     try:
-        return str(client.create_experiment(name, artifact_location=location))
+        return str(
+            client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+        )
     except Exception:  # another driver created it in between
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -180,13 +244,12 @@ def _experiment_id(client: Any, name: str, uri: str) -> str:
         return str(exp.experiment_id)
 
 
-def run_tags(cfg: Config, preset: str | None, run_key: str) -> dict[str, str]:
+def run_tags(cfg: Config, preset: str | None, run_key: str, command: str) -> dict[str, str]:
     return {
         RUN_KEY_TAG: run_key,
-        "dataset": Path(cfg.data.root).name,
+        **source_tags(command),
         "layout": cfg.data.layout,
         "preset": preset or "none",
-        "git_commit": git_commit(),
         "metric_profile": cfg.eval.profile,
         "prediction_cap": str(cfg.eval.max_predictions),
         "selection_metric": cfg.train.selection_metric,
@@ -201,10 +264,12 @@ def open_run(
     preset: str | None = None,
     fresh: bool = False,
     tags: dict[str, str] | None = None,
+    command: str = "rgnet train",
 ) -> RunHandle:
     """Probe the store, then create the run or reuse the newest one with this ``run_key`` (unless ``fresh``).
 
-    ``tags`` are added to the standard ones (:func:`run_tags`), e.g. ``mlflow.parentRunId`` for a sweep's trial.
+    ``tags`` are added to the standard ones (:func:`run_tags`), e.g. ``mlflow.parentRunId`` for a sweep's trial;
+    ``command`` is the run's ``mlflow.source.name``.
     """
     from mlflow.entities import Param, RunTag
 
@@ -213,7 +278,7 @@ def open_run(
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    exp_id = _experiment_id(client, cfg.tracking.experiment, uri)
+    exp_id = ensure_experiment(client, cfg.tracking.experiment, uri)
     found: list[Any] = []
     if not fresh:
         escaped = run_key.replace("'", "\\'")
@@ -236,14 +301,14 @@ def open_run(
         params = {k: v for k, v in params.items() if k not in old}
     else:
         run = client.create_run(
-            exp_id, run_name=cfg.train.run_name, tags={**run_tags(cfg, preset, run_key), **(tags or {})}
+            exp_id, run_name=cfg.train.run_name, tags={**run_tags(cfg, preset, run_key, command), **(tags or {})}
         )
         run_id, resumed = run.info.run_id, False
     items = list(params.items())
     for i in range(0, len(items), 100):  # log_batch takes at most 100 params
         client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in items[i : i + 100]])
-    if resumed:
-        client.log_batch(run_id, tags=[RunTag("git_commit_resumed", git_commit())])
+    if resumed:  # the code that continues the run (the source tags name the code that started it)
+        client.log_batch(run_id, tags=[RunTag("rgnet.resumed_at_commit", git_commit())])
     log_text(client, run_id, to_yaml(cfg), "config.yaml")
     return RunHandle(uri, exp_id, run_id, resumed)
 
@@ -257,6 +322,87 @@ def finish(handle: RunHandle, status: str) -> None:
         handle.client().set_terminated(handle.run_id, status)
     except Exception as e:  # never mask the error that ended the run
         log.warning("could not mark MLflow run %s %s: %s", handle.run_id, status, e)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Datasets: what a run trained and evaluated on (the runs table's Dataset column)
+# ---------------------------------------------------------------------------------------------------------------
+def _edges_hash(path: Path, h: Any) -> None:
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}\n".encode())
+    with path.open("rb") as f:
+        h.update(f.read(HASHED_EDGE_BYTES))
+        if size > 2 * HASHED_EDGE_BYTES:
+            f.seek(size - HASHED_EDGE_BYTES)
+            h.update(f.read(HASHED_EDGE_BYTES))
+        elif size > HASHED_EDGE_BYTES:
+            h.update(f.read())
+
+
+DIGEST_COVERS = (
+    "sha256 of the annotation file's bytes, then of each feature file's name, size and first and last MiB (for a "
+    "folder of per-clip .pt files: each file's name and size); paths are not hashed"
+)
+
+
+def split_digest(split: Any) -> tuple[str, list[str]]:
+    """A content digest of one opened split (:class:`rgnet.data.dataset.SplitData`) and the files it covers.
+
+    The annotation file is hashed whole (the split's records: tens of MB at most); a feature file only by its name,
+    size and first and last MiB, since MAD's features are tens of GB: replacing a feature file or changing its size
+    changes the digest, an in-place edit of its middle bytes does not.  Paths are left out, so a copy of the same
+    data elsewhere (another node, another mount) has the same digest.
+    """
+    h = hashlib.sha256()
+    with Path(split.annotation_path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    files = [str(split.annotation_path)]
+    seen: set[Path] = set()
+    for store in (split.videos, split.texts, split.sentences):
+        path = None if store is None else Path(store.path)
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        files.append(str(path))
+        if path.is_dir():
+            for clip in sorted(path.glob("*.pt")):
+                h.update(f"{clip.name}:{clip.stat().st_size}\n".encode())
+        elif path.is_file():
+            _edges_hash(path, h)
+    return h.hexdigest()[:16], files
+
+
+def dataset_input(split: Any, context: str) -> Any:
+    """The MLflow dataset input of one split: name ``<data root name>/<split>``, the annotation file as its source,
+    the digest of :func:`split_digest`, row counts in the profile, ``mlflow.data.context`` = ``context``."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    digest, files = split_digest(split)
+    files = [str(Path(f).resolve()) for f in files]
+    profile = {
+        "num_rows": len(split.records),
+        "num_videos": len({r.video_key for r in split.records}),
+        "dropped_rows": dict(split.dropped),
+        "files": files,
+        "digest": DIGEST_COVERS,
+    }
+    dataset = Dataset(
+        name=f"{Path(split.root).name}/{split.split}",
+        digest=digest,
+        source_type="local",
+        source=json.dumps({"uri": files[0]}),  # the annotation file, absolute
+        profile=json.dumps(profile),
+    )
+    return DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT_TAG, context)])
+
+
+def log_datasets(handle: RunHandle, splits: dict[str, Any]) -> None:
+    """Log ``splits`` (context -> opened split) as the run's dataset inputs; MLflow keeps one input per dataset
+    name and digest, so a resumed run logs nothing new unless the data changed."""
+    inputs = [dataset_input(split, context) for context, split in splits.items()]
+    handle.client().log_inputs(handle.run_id, datasets=inputs)
+    handle.datasets.update({context: (d.dataset.name, d.dataset.digest) for context, d in zip(splits, inputs)})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -346,6 +492,94 @@ class EpochLogger(ray.train.UserCallback):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Sweeps: child-run statuses decided from Tune's account of each trial (pipelines.tune)
+# ---------------------------------------------------------------------------------------------------------------
+def trial_outcome(error: str | None, epochs: int, total_epochs: int) -> tuple[str, dict[str, str]]:
+    """(MLflow status, tags) of a trial's child run: FAILED when it raised, FINISHED when it reported all its epochs
+    (whether it returned or ASHA stopped it at ``max_t`` right after the last one), KILLED when stopped earlier --
+    tagged ``rgnet.stopped_early`` when it had reported an epoch (ASHA only stops trials on their results)."""
+    if error is not None:
+        return "FAILED", {"rgnet.error": error[:4000]}
+    if epochs >= total_epochs:
+        return "FINISHED", {}
+    return "KILLED", ({"rgnet.stopped_early": "true"} if epochs > 0 else {})
+
+
+def settle_run(client: Any, run_id: str, status: str, tags: dict[str, str], error: str | None = None) -> None:
+    """Set the child run's final status and tags (idempotent); an error's full text becomes ``error.txt``."""
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    if status != "KILLED" and client.get_run(run_id).data.tags.get("rgnet.stopped_early"):
+        client.delete_tag(run_id, "rgnet.stopped_early")  # a restored trial that went on to finish
+    if error is not None:
+        client.log_text(run_id, error, "error.txt")
+    client.set_terminated(run_id, status)
+
+
+class TrialRunStatus(ray.tune.Callback):
+    """Tune callback in the sweep driver: when a trial ends, its MLflow child run gets the status
+    :func:`trial_outcome` gives (why the trial cannot set it itself: :mod:`pipelines.tune`).  Holds only plain
+    data, so it pickles into Tune's saved state."""
+
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, total_epochs: int) -> None:
+        self.uri = uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.total_epochs = total_epochs
+
+    def child_run(self, client: Any, trial_id: str) -> str | None:
+        parent = f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'"
+        runs = client.search_runs(
+            [self.experiment_id], filter_string=f"{parent} and tags.`rgnet.trial_id` = '{trial_id}'", max_results=1
+        )
+        return runs[0].info.run_id if runs else None
+
+    def settle(self, trial_id: str, epochs: int, error: str | None, total_epochs: int | None = None) -> str | None:
+        """Mark the child run of ``trial_id``; returns the status set (None when the trial opened no run)."""
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.uri)
+        run_id = self.child_run(client, trial_id)
+        if run_id is None:
+            return None
+        status, tags = trial_outcome(error, epochs, total_epochs or self.total_epochs)
+        settle_run(client, run_id, status, tags, error)
+        return status
+
+    def _settle_trial(self, trial: Any, error: str | None) -> None:
+        last = trial.last_result or {}
+        epochs = int(last.get("epoch", last.get("training_iteration", 0)) or 0)
+        total = int((trial.config or {}).get("train.epochs", self.total_epochs))  # a space may sweep the epochs
+        try:
+            self.settle(trial.trial_id, epochs, error, total)
+        except Exception as e:  # MLflow trouble must not stop the sweep; the runs stay as they are
+            log.warning("could not set the MLflow status of trial %s: %s", trial.trial_id, e)
+
+    # the Tune callback hooks (ray.tune.Callback's signatures)
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._settle_trial(trial, None)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        err = trial.get_error()
+        self._settle_trial(trial, str(err) if err is not None else "the trial failed (no error text recorded)")
+
+
+def mark_unfinished_children(parent: Any) -> int:
+    """Child runs still RUNNING when ``Tuner.fit`` has returned belong to no running trial: after Ctrl-C, trials Tune
+    resumes on restore (which reopens their runs); otherwise trials Tune ended without a result or a callback.  Mark
+    them KILLED.  Returns how many were marked."""
+    client = parent.client()
+    children = client.search_runs(
+        [parent.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}' and attributes.status = 'RUNNING'",
+        max_results=10000,
+    )
+    for run in children:
+        client.set_terminated(run.info.run_id, "KILLED")
+    return len(children)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Artifacts after training
 # ---------------------------------------------------------------------------------------------------------------
 def plot_history(history: list[dict[str, Any]], out_dir: Path, selection_metric: str) -> list[Path]:
@@ -355,9 +589,15 @@ def plot_history(history: list[dict[str, Any]], out_dir: Path, selection_metric:
     return epoch_curves(history, out_dir, selection_metric)
 
 
-def register_model(handle: RunHandle, model_name: str, best_epoch: int, artifact_path: str) -> str | None:
-    """Register the run's model folder as a version of ``model_name``, once per (run, best epoch): a resumed run
-    whose best checkpoint did not change reuses its version.  Returns the ``models:/name/version`` URI."""
+def register_model(handle: RunHandle, model_name: str, model_id: str, best_epoch: int) -> str | None:
+    """Register the run's logged model ``model_id`` as a version of ``model_name``, once per (run, best epoch): a
+    resumed run whose best checkpoint did not change reuses its version.  Returns the ``models:/name/version`` URI.
+
+    The steps of ``mlflow.register_model("models:/<model id>", name)`` with an explicit client: the version points at
+    the logged model's files and its run, and the logged model lists the version (``mlflow.modelVersions``; MLflow's
+    SQL registry keeps no model id on a version)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
     client = handle.client()
     try:
         for mv in client.search_model_versions(f"run_id = '{handle.run_id}'"):
@@ -367,12 +607,21 @@ def register_model(handle: RunHandle, model_name: str, best_epoch: int, artifact
             client.get_registered_model(model_name)
         except Exception:
             client.create_registered_model(model_name)
+        logged = client.get_logged_model(model_id)
+        # source = the logged model's storage location, not "models:/<model id>": MLflow's SQL registry resolves the
+        # latter through the process-wide tracking URI (a TODO in its code), i.e. in the wrong store here.
         mv = client.create_model_version(
             model_name,
-            source=f"runs:/{handle.run_id}/{artifact_path}",
+            source=logged.artifact_location,
             run_id=handle.run_id,
+            model_id=model_id,
             tags={"best_epoch": str(best_epoch)},
         )
+        # an MLflow server records the version on the logged model itself; a direct SQLite client does not
+        versions = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+        entry = {"name": mv.name, "version": mv.version}
+        if not any(v.get("name") == mv.name and str(v.get("version")) == str(mv.version) for v in versions):
+            client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*versions, entry])})
         return f"models:/{model_name}/{mv.version}"
     except Exception as e:  # a store without a model registry: the runs:/ URI still works
         log.warning("could not register the model in MLflow's registry: %s", e)

@@ -417,6 +417,7 @@ def run_ray(
     elif Path(ray_run_dir(cfg), "checkpoint_manager_snapshot.json").exists():
         print(f"resuming Ray Train run {ray_run_dir(cfg)} from its latest checkpoint (--fresh starts over)", flush=True)
     if handle is not None:
+        tracking.log_datasets(handle, splits)
         verb = "reusing" if handle.resumed else "created"
         print(
             f"MLflow: {verb} run {handle.run_id} in experiment {cfg.tracking.experiment!r} at {handle.uri}", flush=True
@@ -522,11 +523,11 @@ def finish_training(cfg: Config, result: Any, splits: dict[str, Any], handle: An
         )
         if out["registered_model_uri"]:
             print(f"  registered as {out['registered_model_uri']}")
+        url = tracking.run_url(handle.uri, handle.experiment_id, handle.run_id)
         print(
-            f"  open the run: {tracking.ui_command(handle.uri)}, then "
-            f"http://127.0.0.1:5000/#/experiments/{handle.experiment_id}/runs/{handle.run_id}"
+            f"  open the run: {tracking.ui_command(handle.uri)}, then {url}"
             if handle.uri.startswith("sqlite")
-            else f"  open the run: {handle.uri.rstrip('/')}/#/experiments/{handle.experiment_id}/runs/{handle.run_id}"
+            else f"  open the run: {url}"
         )
     return out
 
@@ -570,20 +571,16 @@ def format_time_split(t: dict[str, float], *, local: bool = False) -> str:
 def log_results(
     cfg: Config, handle: Any, run_dir: Path, history: list[dict[str, Any]], out: dict[str, Any], best_epoch: int
 ) -> tuple[str, str | None]:
-    """Artifacts and final metrics of a finished run; returns the model's runs:/ URI and its registry URI."""
+    """Artifacts and final metrics of a finished run, the best checkpoint as the run's MLflow model (one logged model
+    per best epoch: a resumed run that finds a new best logs a new one) and its registry version; returns the model's
+    runs:/ URI and its registry URI."""
     from mlflow.entities import Metric
 
-    from pipelines import tracking
+    from pipelines import mlflow_model, tracking
 
     client = handle.client()
+    model_id = mlflow_model.log_best_model(handle, run_dir / "best.pt", run_dir / "config.yaml", best_epoch)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "model"
-        model_dir.mkdir()
-        shutil.copyfile(run_dir / "best.pt", model_dir / "checkpoint.pt")
-        shutil.copyfile(run_dir / "config.yaml", model_dir / "config.yaml")
-        client.log_artifacts(handle.run_id, str(model_dir), "model")  # the run's current best
-        # an immutable copy per best epoch: what a registered version points to (a resumed run may find a new best)
-        client.log_artifacts(handle.run_id, str(model_dir), f"models/epoch_{best_epoch}")
         plots = Path(tmp) / "plots"
         plots.mkdir()
         for png in tracking.plot_history(history, plots, cfg.train.selection_metric):
@@ -599,18 +596,24 @@ def log_results(
     ):
         if (run_dir / name).exists():
             client.log_artifact(handle.run_id, str(run_dir / name), "reports")
-    have = set(client.get_run(handle.run_id).data.metrics)
+    # The best model's metrics at step = its epoch, linked to it and to the dataset they were measured on; a rerun of
+    # the same finished run (same values) logs nothing again, a resumed run with a new best logs the new values.
+    have = client.get_run(handle.run_id).data.metrics
     ts = int(__import__("time").time() * 1000)
-    final = {"best_epoch": float(best_epoch)}
+    metrics = [] if have.get("best_epoch") == best_epoch else [Metric("best_epoch", float(best_epoch), ts, best_epoch)]
     for split in ("val", "test"):
-        if split in out:
-            final.update({f"final_{split}/{k}": float(v) for k, v in out[split]["metrics"].items()})
-    metrics = [Metric(tracking.metric_key(k), v, ts, 0) for k, v in final.items() if tracking.metric_key(k) not in have]
+        name, digest = handle.datasets.get(split, (None, None))
+        for k, v in out.get(split, {}).get("metrics", {}).items():
+            key = tracking.metric_key(f"final_{split}/{k}")
+            if have.get(key) != float(v):
+                metrics.append(
+                    Metric(key, float(v), ts, best_epoch, model_id=model_id, dataset_name=name, dataset_digest=digest)
+                )
     if metrics:
         client.log_batch(handle.run_id, metrics=metrics)
-    model_uri = f"runs:/{handle.run_id}/model"
+    model_uri = f"runs:/{handle.run_id}/{mlflow_model.MODEL_NAME}"
     registered = tracking.register_model(
-        handle, f"{cfg.tracking.experiment}-{cfg.train.run_name}", best_epoch, f"models/epoch_{best_epoch}"
+        handle, f"{cfg.tracking.experiment}-{cfg.train.run_name}", model_id, best_epoch
     )
     return model_uri, registered
 

@@ -15,8 +15,21 @@ sweep (``Tuner.restore``): finished trials are not re-run.  ``--fresh`` starts o
 
 MLflow: one parent run per sweep (found again on restore), one child run per trial (tag ``mlflow.parentRunId``),
 so the UI's compare view shows the trials side by side.  At the end the parent gets the best trial's point and
-metrics, the space file, the best config, and plots (optimization history, metric vs each swept parameter); child
-runs of trials that ASHA stopped are marked KILLED with the tag ``rgnet.stopped_early``.
+metrics, the space file, the best config, and plots (optimization history, metric vs each swept parameter).
+
+A child run's status is decided in this driver, from Tune's own account of the trial (:class:`TrialRunStatus`, a
+Tune callback), not by the trial: a trial that reported all its epochs is FINISHED, one that ASHA stopped earlier is
+KILLED with the tag ``rgnet.stopped_early=true``, one that raised is FAILED with the error as the tag ``rgnet.error``
+and the artifact ``error.txt``.  The trial cannot tell: when ASHA stops a trial (at a rung, or at ``max_t`` right
+after the last epoch's report, even for a trial that is about to return), Tune removes the trial's placement group,
+which destroys the Ray Train controller inside it; the trial's ``TorchTrainer.fit()`` then raises ``ActorDiedError``
+and the trial actor is terminated a moment later, so whatever the trial would write last (FAILED from an exception
+handler, or nothing) depends on a race.
+
+"Best" is one rule everywhere: the trial whose *last* reported value of the metric Tune optimises is best in Tune's
+mode, the value Optuna is told when a trial ends, ASHA compares at its rungs and Tune's "Current best trial" line
+shows; the summary also prints each trial's best epoch.  Tune's CSV and TensorBoard loggers are off unless
+``--loggers`` asks for them; its JSON results log is always written (the summary reads the per-epoch values from it).
 
 Windows are rebuilt per trial from the same feature files: the Ray Data map stage cuts windows with the trial's
 ``windows.*`` settings; nothing is copied per trial.
@@ -32,6 +45,8 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +56,9 @@ from rgnet.search_space import VARIANT_KEY, SearchSpace, load_space, trial_overr
 
 log = logging.getLogger("rgnet.tune")
 
-SWEEP_KEY = "__sweep__"  # the constant entry of the param space that carries the sweep's settings to trials
 SPACE_DIR = Path(__file__).resolve().parent.parent / "tune_spaces"
+SETTINGS_FILE = "sweep_settings.json"  # the settings trials get, kept next to sweep.json so a restore reuses them
+LOGGERS = ("csv", "json", "tensorboard")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial may be stopped")
     p.add_argument("--reduction-factor", type=int, default=2, help="ASHA: keep 1/N of trials at each rung")
     p.add_argument("--best-out", help="where the best config is written (default: <output_dir>/<name>/best.yaml)")
+    p.add_argument(
+        "--loggers",
+        default="json",
+        help="Tune's per-trial loggers, comma-separated from csv, json, tensorboard (default: %(default)s; json is "
+        "always on: the summary reads it)",
+    )
     p.add_argument(
         "--smoke-test", action="store_true", help="tune_spaces/smoke.yaml, 4 trials (about 3 minutes on 2 cores)"
     )
@@ -126,23 +148,28 @@ def trial_config(base: Config, space: SearchSpace, point: dict[str, Any]) -> Con
 # ---------------------------------------------------------------------------------------------------------------
 # One trial (runs in a Tune trial actor)
 # ---------------------------------------------------------------------------------------------------------------
-def trial_driver(config: dict[str, Any]) -> None:
-    """Tune function trainable: build the trial's config, open its MLflow child run, fit a TorchTrainer."""
+def trial_driver(config: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """Tune function trainable: build the trial's config, open its MLflow child run, fit a TorchTrainer.
+
+    ``config`` is the sampled point only; ``sweep`` (bound with ``tune.with_parameters``) carries the sweep's
+    settings.  The child run's final status is set by the sweep driver (:class:`TrialRunStatus`), except here when
+    training returned normally."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines import tracking
     from pipelines.train import fit_on_ray
+    from rgnet.data.dataset import open_split
 
-    sweep = config[SWEEP_KEY]
     space = load_space(sweep["space"])
-    point = {k: v for k, v in config.items() if k != SWEEP_KEY}
+    point = dict(config)
     trial_id = ray.tune.get_context().get_trial_id()  # Ray: stable across restores, so Train resumes by name
     cfg = trial_config(from_dict(sweep["base"]), space, point)
     cfg = from_dict(
         {"train": {"run_name": f"{sweep['name']}-{trial_id}"}, "ray": {"storage_path": sweep["trials_storage"]}}, cfg
     )
     run_key = f"{sweep['trials_storage']}/{cfg.train.run_name}"
+    train_split = open_split(cfg.data, cfg.data.train_split)
     handle = None
     if sweep["parent_run_id"]:
         tags = {
@@ -151,19 +178,49 @@ def trial_driver(config: dict[str, Any]) -> None:
             "rgnet.trial_id": trial_id,
             **{f"rgnet.point.{k}": json.dumps(v) for k, v in point.items()},
         }
-        handle = tracking.open_run(cfg, run_key=run_key, preset=space.preset, tags=tags)
-    status = "FAILED"
-    try:
-        fit_on_ray(cfg, handle, callbacks=[TuneReportCallback()])
-        status = "FINISHED"
-    finally:  # an ASHA stop kills this actor before here: the sweep driver marks those runs afterwards
-        if handle is not None:
-            tracking.finish(handle, status)
+        handle = tracking.open_run(cfg, run_key=run_key, preset=space.preset, tags=tags, command="rgnet tune")
+        val_split = open_split(cfg.data, cfg.data.val_split)
+        tracking.log_datasets(handle, {"train": train_split, "val": val_split})
+        val_split.close()
+    fit_on_ray(cfg, handle, callbacks=[TuneReportCallback()])
+    if handle is not None:
+        tracking.finish(handle, "FINISHED")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The sweep (the driver process)
 # ---------------------------------------------------------------------------------------------------------------
+def tune_loggers(spec: str) -> list[Any]:
+    """Tune logger callbacks for ``--loggers`` (JSON always: the summary reads each trial's results from it)."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+
+    names = {n.strip() for n in spec.split(",") if n.strip()}
+    unknown = sorted(names - set(LOGGERS))
+    if unknown:
+        raise ConfigError(f"--loggers: unknown logger(s) {', '.join(unknown)} (choose from {', '.join(LOGGERS)})")
+    out: list[Any] = [JsonLoggerCallback()]
+    if "csv" in names:
+        out.append(CSVLoggerCallback())
+    if "tensorboard" in names:
+        out.append(TBXLoggerCallback())
+    return out
+
+
+@contextmanager
+def no_default_loggers() -> Iterator[None]:
+    """Tune adds its CSV, JSON and TensorBoard loggers to every run unless this variable is set (read when the run
+    starts, in ``ray.tune.utils.callback._create_default_callbacks``); the loggers asked for are passed explicitly."""
+    old = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"]
+        else:
+            os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = old
+
+
 def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     from ray import tune
@@ -174,12 +231,14 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     from pipelines import tracking
     from pipelines.train import init_ray, prepare_data, resolve_paths
     from rgnet.data.dataset import open_split
+    from rgnet.io import atomic_write_json
 
     if args.smoke_test and not args.space:
         args.space = "smoke"
         args.trials = 4 if args.trials == 8 else args.trials
     if not args.space:
         raise ConfigError("--space is required (a file, or one of tune_spaces/: e.g. --space proposals)")
+    loggers = tune_loggers(args.loggers)
     space_path = resolve_space_path(args.space).resolve()
     space = load_space(space_path)
     name = args.name or space_path.stem
@@ -188,23 +247,36 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     storage = base.ray.storage_path
     sweep_dir = f"{storage.rstrip('/')}/{name}"
     trials_storage = f"{storage.rstrip('/')}/{name}-trials"
+    settings_file = Path(base.train.output_dir) / name / SETTINGS_FILE
     if args.fresh:
         for path in (sweep_dir, trials_storage):
             if "://" not in path and Path(path).exists():
                 shutil.rmtree(path)
+        settings_file.unlink(missing_ok=True)
     prepare_data(base)
-    open_split(base.data, base.data.train_split)  # a missing or malformed dataset fails before any trial starts
-    open_split(base.data, base.data.val_split)
+    splits = {  # a missing or malformed dataset fails here, before any trial starts
+        "train": open_split(base.data, base.data.train_split),
+        "val": open_split(base.data, base.data.val_split),
+    }
 
     parent = None
     if base.tracking.enabled:
         parent_cfg = from_dict({"train": {"run_name": f"sweep-{name}"}}, base)
         parent = tracking.open_run(
-            parent_cfg, run_key=f"tune:{sweep_dir}", preset=space.preset, fresh=args.fresh, tags={"rgnet.sweep": name}
+            parent_cfg,
+            run_key=f"tune:{sweep_dir}",
+            preset=space.preset,
+            fresh=args.fresh,
+            tags={"rgnet.sweep": name},
+            command="rgnet tune",
         )
+        tracking.log_datasets(parent, splits)
         client = parent.client()
         client.log_artifact(parent.run_id, str(space_path), "space")
         print(f"MLflow: sweep run {parent.run_id} at {parent.uri}", flush=True)
+        print(f"  open it: {tracking.run_url(parent.uri, parent.experiment_id, parent.run_id)}", flush=True)
+    for split in splits.values():
+        split.close()
 
     connected = init_ray(base)
     status = "FAILED"
@@ -214,22 +286,29 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         driver_resources: dict[str, float] = {"cpu": 0.25}
         if ray.cluster_resources().get("TRAIN_DRIVER", 0) > 0:
             driver_resources["TRAIN_DRIVER"] = 1.0
-        trainable = tune.with_resources(trial_driver, driver_resources)
         restored = not args.fresh and tune.Tuner.can_restore(
             os.path.abspath(sweep_dir) if "://" not in sweep_dir else sweep_dir
         )
-        if restored:
-            print(f"restoring sweep {sweep_dir}: finished trials are kept, unfinished ones resume", flush=True)
-            tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        # The sweep's settings reach the trials through tune.with_parameters, not the param space: Tune prints a
+        # trial's whole param space at its start and in every "Current best trial" line.  A restore reuses the
+        # settings the sweep started with (its base config), as Tune reuses its param space.
+        if restored and settings_file.exists():
+            sweep_settings = json.loads(settings_file.read_text())
         else:
-            param_space = tune_param_space(space)
-            param_space[SWEEP_KEY] = {
+            sweep_settings = {
                 "space": str(space_path),
                 "base": to_dict(base),
                 "name": name,
                 "trials_storage": trials_storage,
                 "parent_run_id": parent.run_id if parent is not None else "",
             }
+            atomic_write_json(settings_file, sweep_settings)
+        trainable = tune.with_resources(tune.with_parameters(trial_driver, sweep=sweep_settings), driver_resources)
+        if restored:
+            print(f"restoring sweep {sweep_dir}: finished trials are kept, unfinished ones resume", flush=True)
+            tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            param_space = tune_param_space(space)
             grid = uses_grid(space)
             if grid:
                 num_samples = max(1, math.ceil(args.trials / space.num_grid_points()))
@@ -244,6 +323,11 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
                 grace_period=min(args.grace_period, base.train.epochs),
                 reduction_factor=args.reduction_factor,
             )
+            callbacks: list[Any] = list(loggers)
+            if parent is not None:
+                callbacks.append(
+                    tracking.TrialRunStatus(parent.uri, parent.experiment_id, parent.run_id, base.train.epochs)
+                )
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space,
@@ -255,14 +339,15 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
                     search_alg=search_alg,
                     scheduler=scheduler,
                 ),
-                run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
+                run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1, callbacks=callbacks),
             )
         print(
-            f"sweep {name}: {space_path.name}, optimising {metric} ({mode}), {args.trials} trials, "
-            f"{args.concurrency} at a time; storage {sweep_dir}",
+            f"sweep {name}: {space_path.name}, optimising {metric} ({mode}; best = the best last-epoch value, as "
+            f"Tune's 'Current best trial'), {args.trials} trials, {args.concurrency} at a time; storage {sweep_dir}",
             flush=True,
         )
-        results = tuner.fit()
+        with no_default_loggers():
+            results = tuner.fit()
         expected = (
             space.num_grid_points() * max(1, math.ceil(args.trials / space.num_grid_points()))
             if uses_grid(space)
@@ -271,6 +356,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         done = results.num_terminated + results.num_errors
         if done < expected:  # Ctrl-C: Tune saved the sweep and returned early (it does not raise)
             status = "KILLED"
+            if parent is not None:
+                tracking.mark_unfinished_children(parent)
             print(
                 f"sweep {name} interrupted after {done} of {expected} trials; the same command resumes it "
                 "(finished trials are kept)",
@@ -278,6 +365,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
             )
             return {"interrupted": True, "finished_trials": done, "trials": expected}
         summary = summarise(results, space, base, metric, mode, name, args, parent)
+        if parent is not None:
+            tracking.mark_unfinished_children(parent)
         status = "FINISHED"
         return summary
     except (KeyboardInterrupt, SystemExit):
@@ -293,58 +382,93 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
 def summarise(
     results: Any, space: SearchSpace, base: Config, metric: str, mode: str, name: str, args: Any, parent: Any
 ) -> dict[str, Any]:
-    """Best trial -> preset YAML; trial table; MLflow parent params/metrics/plots; ASHA-stopped runs marked."""
+    """Best trial -> preset YAML; trial table; MLflow parent params/metrics/plots.
+
+    The best trial is Ray's ``ResultGrid.get_best_result(metric, mode, scope="last")``: the rule Tune's own
+    "Current best trial" line, ASHA and Optuna apply (module docstring); each trial's best epoch is shown too."""
     from pipelines import tracking
     from rgnet.io import atomic_write_text
 
+    pick = max if mode == "max" else min
     rows: list[dict[str, Any]] = []
     for r in results:
-        point = {k: v for k, v in (r.config or {}).items() if k != SWEEP_KEY}
+        point = dict(r.config or {})
         df = r.metrics_dataframe
-        iterations = int(r.metrics.get("training_iteration", 0)) if r.metrics else 0
+        last = r.metrics or {}
+        epochs = int(last.get("epoch", last.get("training_iteration", 0)) or 0)
         values = df[metric].dropna().tolist() if df is not None and metric in df else []
-        best_value = (max(values) if mode == "max" else min(values)) if values else None
         rows.append(
             {
-                "trial_id": r.metrics.get("trial_id") if r.metrics else None,
+                "trial_id": last.get("trial_id"),
                 "point": point,
-                "epochs": iterations,
-                "stopped_early": r.error is None and iterations < base.train.epochs,
+                "epochs": epochs,
+                "stopped_early": r.error is None and 0 < epochs < trial_config(base, space, point).train.epochs,
                 "error": None if r.error is None else f"{type(r.error).__name__}: {r.error}"[:500],
-                "best": best_value,
-                "last": values[-1] if values else None,
+                "last": values[-1] if values else None,  # what Tune ranks by
+                "best": pick(values) if values else None,  # the trial's best epoch
             }
         )
-    done = [row for row in rows if row["best"] is not None]
-    if not done:
-        raise RuntimeError(f"sweep {name}: no trial reported {metric}; see the trial errors: {rows}")
-    best_row = max(done, key=lambda row: row["best"] if mode == "max" else -row["best"])
+    try:
+        best_result = results.get_best_result(metric=metric, mode=mode, scope="last")
+    except RuntimeError as e:  # no trial reported the metric
+        raise RuntimeError(f"sweep {name}: no trial reported {metric} ({e}); see the trial errors: {rows}") from e
+    best_row = next(row for row in rows if row["trial_id"] == best_result.metrics.get("trial_id"))
     best_cfg = trial_config(base, space, best_row["point"])
     best_cfg = from_dict({"train": {"run_name": f"{name}-best"}}, best_cfg)
     out = Path(args.best_out or Path(base.train.output_dir) / name / "best.yaml")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_yaml(best_cfg, out)
 
-    print(f"\n{'trial':<12} {'epochs':>6} {metric:>16}  point")
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    print(f"\n{'trial':<12} {'epochs':>6} {'last ' + metric:>20} {'best epoch':>11}  point")
     for row in rows:
-        value = "error" if row["error"] else ("-" if row["best"] is None else f"{row['best']:.4f}")
-        flag = "  (stopped by ASHA)" if row["stopped_early"] else ""
-        print(f"{row['trial_id']!s:<12} {row['epochs']:>6} {value:>16}  {json.dumps(row['point'])}{flag}")
-    print(f"\nbest: {json.dumps(best_row['point'])} -> {metric} {best_row['best']:.4f}")
+        last_s, best_s = ("error", "") if row["error"] else (fmt(row["last"]), fmt(row["best"]))
+        flag = "  (stopped by ASHA)" if row["stopped_early"] else ("  (no result)" if row["last"] is None else "")
+        print(f"{row['trial_id']!s:<12} {row['epochs']:>6} {last_s:>20} {best_s:>11}  {json.dumps(row['point'])}{flag}")
+    print(
+        f"\nbest trial: {best_row['trial_id']} (the {'highest' if mode == 'max' else 'lowest'} {metric} at its last "
+        f"reported epoch, the rule of Tune's 'Current best trial', of ASHA and of Optuna): {metric} "
+        f"{best_row['last']:.4f} after {best_row['epochs']} epochs; point {json.dumps(best_row['point'])}"
+    )
+    by_best_epoch = pick((row for row in rows if row["best"] is not None), key=lambda row: row["best"])
+    if by_best_epoch["trial_id"] != best_row["trial_id"]:
+        print(
+            f"  (by each trial's best epoch instead, trial {by_best_epoch['trial_id']} would lead with {metric} "
+            f"{by_best_epoch['best']:.4f}: its last epoch was not its best)"
+        )
     print(f"best config: {out}\n  train it: rgnet train --config {out}")
 
-    summary = {"metric": metric, "mode": mode, "trials": rows, "best": best_row, "best_config": str(out)}
+    summary = {
+        "metric": metric,
+        "mode": mode,
+        "rule": "last reported epoch (ResultGrid.get_best_result scope='last')",
+        "trials": rows,
+        "best": best_row,
+        "best_config": str(out),
+    }
     atomic_write_text(out.parent / "sweep.json", json.dumps(summary, indent=1, default=str))
     if parent is not None:
-        log_sweep(parent, rows, best_row, metric, out, space)
-        mark_stopped_children(parent, name)
-        print(f"  compare the trials: {tracking.ui_command(parent.uri)}, then open run {parent.run_id}")
+        log_sweep(parent, rows, best_row, metric, mode, out, space)
+        print(
+            f"  compare the trials: {tracking.ui_command(parent.uri)}, then "
+            f"{tracking.run_url(parent.uri, parent.experiment_id, parent.run_id)}"
+        )
     return summary
 
 
 def log_sweep(
-    parent: Any, rows: list[dict[str, Any]], best: dict[str, Any], metric: str, best_yaml: Path, space: SearchSpace
+    parent: Any,
+    rows: list[dict[str, Any]],
+    best: dict[str, Any],
+    metric: str,
+    mode: str,
+    best_yaml: Path,
+    space: SearchSpace,
 ) -> None:
+    """The parent run's summary: the best point (params ``best.*``), its last value of the metric, the trial counts
+    in the child runs' terms (FINISHED / KILLED = stopped early / FAILED), the best config and the sweep plots."""
     from mlflow.entities import Metric, Param
 
     from pipelines.tracking import metric_key
@@ -360,30 +484,34 @@ def log_sweep(
     client.log_batch(
         parent.run_id,
         metrics=[
-            Metric(metric_key(f"best_{metric}"), float(best["best"]), ts, 0),
-            Metric("trials_finished", float(sum(r["error"] is None for r in rows)), ts, 0),
+            Metric(metric_key(f"best_{metric}"), float(best["last"]), ts, 0),
+            Metric("trials_finished", float(sum(r["error"] is None and not r["stopped_early"] for r in rows)), ts, 0),
             Metric("trials_stopped_early", float(sum(r["stopped_early"] for r in rows)), ts, 0),
+            Metric("trials_failed", float(sum(r["error"] is not None for r in rows)), ts, 0),
         ],
     )
+    client.set_tag(parent.run_id, "rgnet.best_trial_id", str(best["trial_id"]))
     client.log_artifact(parent.run_id, str(best_yaml), "best")
     with tempfile.TemporaryDirectory() as tmp:
-        for png in plot_sweep(rows, metric, space, Path(tmp)):
+        for png in plot_sweep(rows, metric, mode, space, Path(tmp)):
             client.log_artifact(parent.run_id, str(png), "plots")
 
 
-def plot_sweep(rows: list[dict[str, Any]], metric: str, space: SearchSpace, out_dir: Path) -> list[Path]:
-    """Optimization history (value per trial and best so far) and the metric against each swept parameter."""
+def plot_sweep(rows: list[dict[str, Any]], metric: str, mode: str, space: SearchSpace, out_dir: Path) -> list[Path]:
+    """Optimization history (each trial's last value, the one Tune ranks by, and the best so far in ``mode``) and the
+    metric against each swept parameter."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [r for r in rows if r["best"] is not None]
+    done = [r for r in rows if r["last"] is not None]
     paths = []
     fig, ax = plt.subplots(figsize=(6, 4))
-    values = [r["best"] for r in done]
+    values = [r["last"] for r in done]
     ax.plot(range(1, len(values) + 1), values, "o", label="trial")
-    best_so_far = [max(values[: i + 1]) for i in range(len(values))]
+    pick = max if mode == "max" else min
+    best_so_far = [pick(values[: i + 1]) for i in range(len(values))]
     ax.plot(range(1, len(values) + 1), best_so_far, "-", label="best so far")
     ax.set_xlabel("trial (in order of the results)")
     ax.set_ylabel(metric)
@@ -413,18 +541,6 @@ def plot_sweep(rows: list[dict[str, Any]], metric: str, space: SearchSpace, out_
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
     return paths
-
-
-def mark_stopped_children(parent: Any, name: str) -> None:
-    """Child runs left RUNNING (their trial actor was killed by ASHA) are marked KILLED and tagged."""
-    client = parent.client()
-    children = client.search_runs(
-        [parent.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}'", max_results=10000
-    )
-    for run in children:
-        if run.info.status == "RUNNING":
-            client.set_tag(run.info.run_id, "rgnet.stopped_early", "true")
-            client.set_terminated(run.info.run_id, "KILLED")
 
 
 def _main(args: argparse.Namespace) -> int:

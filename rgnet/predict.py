@@ -139,11 +139,17 @@ def read_features(src: FeatureSource, *, kind: str, dim: int, rank: int = 2) -> 
         key = path.stem
     else:
         raise DataError(path, f"unknown feature file type {suffix!r}", fix=f"use one of {', '.join(FEATURE_SUFFIXES)}")
+    return check_features(arr, source=path, key=key, kind=kind, dim=dim, rank=rank), key, fps
 
+
+def check_features(arr: Any, *, source: object, key: str, kind: str, dim: int, rank: int = 2) -> np.ndarray:
+    """``arr`` as a contiguous float32 array, checked: ``rank`` dimensions, last one ``dim``, at least one row, finite.
+    Errors name ``source`` (a file, or where an in-memory array came from) and ``key``."""
+    arr = np.asarray(arr)
     want = "(T, D)" if kind == "video" else "(L, D)"
     if arr.ndim != rank or arr.shape[-1] != dim or arr.shape[0] == 0:
         raise DataError(
-            path,
+            source,
             f"{kind} features {key!r} have shape {tuple(arr.shape)}, but this model expects {want} with D = {dim}"
             + (" and at least one row" if arr.ndim == rank and arr.shape[-1] == dim else ""),
             record=key,
@@ -151,11 +157,11 @@ def read_features(src: FeatureSource, *, kind: str, dim: int, rank: int = 2) -> 
             fix=f"use the {kind} extractor the model was trained with (data.{kind}_dim={dim})",
         )
     if arr.dtype.kind not in "fiu":
-        raise DataError(path, f"{kind} features {key!r} have dtype {arr.dtype}, expected float", record=key)
+        raise DataError(source, f"{kind} features {key!r} have dtype {arr.dtype}, expected float", record=key)
     out = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(out).all():
-        raise DataError(path, f"{kind} features {key!r} contain NaN or Inf", record=key, field="values")
-    return out, key, fps
+        raise DataError(source, f"{kind} features {key!r} contain NaN or Inf", record=key, field="values")
+    return out
 
 
 def prepare_tokens(tokens: np.ndarray, max_tokens: int, normalize: bool) -> np.ndarray:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipelines import ablate
+from pipelines.tracking import metric_key
 from rgnet.config import load_config
 from rgnet.data.dataset import open_split
 from rgnet.model import build_model
@@ -31,6 +32,7 @@ def args(tmp: Path, *extra: str) -> list[str]:
         f"data.root={tmp / 'data'}",
         f"train.output_dir={tmp / 'runs'}",
         "train.epochs=2",
+        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
     ]
 
 
@@ -102,3 +104,51 @@ def test_bad_arguments_are_explained(tmp_path, capsys, extra, message) -> None:
     assert ablate.main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))
+
+
+@pytest.mark.slow
+def test_mlflow_parent_run_and_a_child_run_per_variant_and_seed(table) -> None:
+    """`rgnet ablate` with tracking (on by default): the table and plot on a parent run, one child run per row and
+    seed with rgnet train's metric names, the final val/test metrics of the table, datasets and source; a re-run of
+    the same table adds no run and no epoch."""
+    from mlflow import MlflowClient
+
+    tmp, out = table
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+
+    def runs() -> tuple[object, dict[str, object]]:
+        exp = client.get_experiment_by_name("rgnet")
+        assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+        found = client.search_runs([exp.experiment_id], filter_string="tags.`rgnet.ablation` = 't'")
+        (parent,) = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+        kids = {r.data.tags["rgnet.variant"]: r for r in found if r.data.tags.get("mlflow.parentRunId")}
+        assert len(kids) == len(found) - 1 and all(
+            r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in kids.values()
+        )
+        return parent, kids
+
+    assert ablate.main(args(tmp)) == 0  # a re-run: nothing trained, nothing logged twice
+    parent, kids = runs()
+    assert parent.info.run_name == "ablate-t" and parent.info.status == "FINISHED"
+    assert parent.data.tags["mlflow.source.name"] == "rgnet ablate"
+    files = {f.path for f in client.list_artifacts(parent.info.run_id, "ablation")}
+    assert files == {"ablation/ablation.md", "ablation/ablation.json", "ablation/ablation.png"}
+    data = json.loads((out / "ablation.json").read_text())
+    assert set(kids) == {row["variant"] for row in data["rows"]} == {"untrained", "full", "no_contrastive"}
+    seed = load_config(config_file=out / "full" / "config.yaml").train.seed
+    for row in data["rows"]:
+        run = kids[row["variant"]]
+        assert run.info.status == "FINISHED" and run.info.run_name == f"{row['variant']}-seed{seed}"
+        assert run.data.tags["rgnet.seed"] == str(seed)
+        for split in ("val", "test"):
+            for name, value in row[split].items():
+                assert run.data.metrics[metric_key(f"final_{split}/{name}")] == pytest.approx(value), (split, name)
+        contexts = sorted(d.tags[0].value for d in run.inputs.dataset_inputs)
+        assert contexts == ["test", "train", "val"]
+    assert kids["no_contrastive"].data.params["loss.contrastive_weight"] == "0.0"
+    assert kids["full"].data.params["loss.contrastive_weight"] == "1.0"
+    # the per-epoch curves, under the names a distributed rgnet train run logs, each epoch once
+    rid = kids["full"].info.run_id
+    for key in ("epoch", "train/loss", "val/R1_at_0.3", "val/retrieval_R1"):
+        assert sorted(int(m.step) for m in client.get_metric_history(rid, key)) == [1, 2], key
+    assert client.get_metric_history(kids["untrained"].info.run_id, "epoch") == []

@@ -76,7 +76,8 @@ def test_batch_predict_equals_the_local_evaluator(ray_session: str, tmp_path: Pa
     client = MlflowClient(cfg.tracking.uri)
     runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
     (run,) = [r for r in runs if r.data.tags.get("rgnet.job") == "predict"]
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.source.name"] == "rgnet predict"
+    assert [(d.dataset.name, d.tags[0].value) for d in run.inputs.dataset_inputs] == [("data/val", "val")]
     assert run.data.metrics["val/R1_at_0.3"] == pytest.approx(report["metrics"]["R1@0.3"])
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/recall_vs_k.png", "plots/retrieval_vs_windows.png"} <= logged

@@ -169,14 +169,19 @@ def test_two_workers_with_an_mlflow_server_survive_a_sigkilled_worker(
     assert run.data.params["model.hidden_dim"] == "32" and run.data.params["ray.num_workers"] == "2"
     assert run.data.params["data.root"] == str(tmp_path / "data")  # resolved, absolute
     tags = run.data.tags
-    assert tags["dataset"] == "data" and tags["layout"] == "native" and tags["preset"] == "tiny"
-    assert tags["metric_profile"] == "rgnet" and tags["prediction_cap"] == "100" and tags["git_commit"]
+    assert tags["layout"] == "native" and tags["preset"] == "tiny" and tags["mlflow.source.name"] == "rgnet train"
+    assert tags["metric_profile"] == "rgnet" and tags["prediction_cap"] == "100" and tags["mlflow.source.git.commit"]
     assert len(tags["rgnet.worker_nodes"].split(",")) == 1  # one local node
+    datasets = {d.tags[0].value: d.dataset.name for d in run.inputs.dataset_inputs}
+    assert datasets == {"train": "data/train", "val": "data/val", "test": "data/test"}
+    (output,) = run.outputs.model_outputs  # the best checkpoint as the run's MLflow model
+    model = client.get_logged_model(output.model_id)
+    assert model.name == "model" and model.source_run_id == rid and output.step == int(run.data.metrics["best_epoch"])
+    model_files = {f.path for f in client.list_logged_model_artifacts(output.model_id, "artifacts")}
+    assert {"artifacts/checkpoint.pt", "artifacts/config.yaml"} <= model_files, model_files
     files = artifacts(client, rid)
     assert {
         "config.yaml",
-        "model/checkpoint.pt",
-        "model/config.yaml",
         "plots/loss.png",
         "plots/val.png",
         "best_epoch/best_val_predictions.jsonl",

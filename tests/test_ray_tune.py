@@ -62,6 +62,10 @@ def children(tmp: Path) -> list[Any]:
 TERMINATED_ROW = re.compile(r"(trial_driver_[0-9a-f]+)\s+TERMINATED")
 
 
+def logged_epochs(client: Any, run_id: str) -> list[int]:
+    return sorted(int(m.step) for m in client.get_metric_history(run_id, "epoch"))
+
+
 def terminated(log: str) -> set[str]:
     """Trials Tune reports as finished (TERMINATED: ran to the end, or stopped by ASHA) in its status tables."""
     return set(TERMINATED_ROW.findall(log))
@@ -120,12 +124,30 @@ def test_smoke_sweep_interrupted_restored(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "sweep.json").read_text())
     assert len(summary["trials"]) == 4
     assert any(t["stopped_early"] for t in summary["trials"]), summary["trials"]  # ASHA stopped a poor trial
-    stopped = [r for r in runs if r.data.tags.get("rgnet.stopped_early") == "true"]
-    assert stopped and all(r.info.status == "KILLED" for r in stopped)
-
+    # every child run tells the truth: all epochs -> FINISHED, stopped by ASHA -> KILLED and tagged, none FAILED;
+    # MLflow and the summary count the same trials as stopped early
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = children(tmp_path)
+    for run in runs:
+        epochs = logged_epochs(client, run.info.run_id)
+        completed = epochs == [1, 2]
+        assert run.info.status == ("FINISHED" if completed else "KILLED"), (run.info.run_name, epochs)
+        assert (run.data.tags.get("rgnet.stopped_early") == "true") == (not completed), run.data.tags
+    stopped = {t["trial_id"] for t in summary["trials"] if t["stopped_early"]}
+    assert stopped == {r.data.tags["rgnet.trial_id"] for r in runs if r.info.status == "KILLED"}
+    # one "best" in the console: Tune's last "Current best trial" is the summary's best trial
+    best_id = summary["best"]["trial_id"]
+    assert re.findall(r"Current best trial: (\w+) with", out)[-1] == best_id
+    assert f"best trial: {best_id} (the lowest train/loss at its last reported epoch" in out
+    # no TensorBoard logger ("Summary name ... is illegal"), no sweep settings in Tune's tables, no CSV/TB files
+    for text in (first, out):
+        assert "is illegal" not in text and "__sweep__" not in text
+    results = tmp_path / "ray_results" / "smoke"
+    assert not list(results.rglob("events.out.tfevents*")) and not list(results.rglob("progress.csv"))
+    assert len(list(results.rglob("result.json"))) == 4
+
     parent = client.get_run(parents.pop())
     assert parent.info.status == "FINISHED"
     assert any(k.startswith("best.") for k in parent.data.params)
