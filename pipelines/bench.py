@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmark the Ray Data training pipeline instead: throughput vs one process, worker memory under a "
         "budget (options: rgnet bench --data --help)",
     )
+    p.add_argument(
+        "--quality",
+        action="store_true",
+        help="does distributed training train the local model? rgnet train and rgnet train --local over several seeds "
+        "(options: rgnet bench --quality --help)",
+    )
     p.add_argument("--out", default="bench_model.json", help="JSON file for the results (default: %(default)s)")
     p.add_argument("--preset", default=None, help="take the model config from this preset (default: full-size RGNet)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
@@ -298,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines import bench_data
 
         return bench_data.main(argv)
+    if "--quality" in argv:  # local vs distributed training over seeds: its own options
+        from pipelines import bench_quality
+
+        return bench_quality.main(argv)
     args = build_parser().parse_args(argv)
     if args.part != "all":
         return _child(args)
