@@ -151,7 +151,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             payload = ckpt.load_checkpoint(Path(d) / ckpt.CHECKPOINT_FILE, device)
             history = json.loads((Path(d) / "history.json").read_text())
         if rank == 0:
-            log.info("resuming after epoch %d of %d from %s", payload["epoch"], t.epochs, checkpoint.path)
+            say(run_key, f"resuming after epoch {payload['epoch']} of {t.epochs} from {checkpoint.path}", log)
     resumed_after = int(payload["epoch"]) if payload is not None else 0
 
     # Ray Data: this rank's parts of every remaining global step, one streaming dataset for the rest of the run

@@ -221,6 +221,31 @@ def no_default_loggers() -> Iterator[None]:
             os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = old
 
 
+class _InterruptSeen(logging.Handler):
+    """Notices Tune's own Ctrl-C: ``Tuner.fit()`` then stops the running trials, marks them TERMINATED (even one that
+    never reported) and returns without raising, so the trial counts cannot tell an interrupted sweep from a finished
+    one; Tune's SIGINT handler logs this warning (``ray.tune.tune``, Ray 2.60) and nothing else records it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Stop signal received"):
+            self.seen = True
+
+
+@contextmanager
+def watching_for_interrupt() -> Iterator[_InterruptSeen]:
+    watcher = _InterruptSeen()
+    tune_log = logging.getLogger("ray.tune.tune")
+    tune_log.addHandler(watcher)
+    try:
+        yield watcher
+    finally:
+        tune_log.removeHandler(watcher)
+
+
 def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     from ray import tune
@@ -346,7 +371,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
             f"Tune's 'Current best trial'), {args.trials} trials, {args.concurrency} at a time; storage {sweep_dir}",
             flush=True,
         )
-        with no_default_loggers():
+        with no_default_loggers(), watching_for_interrupt() as interrupt:
             results = tuner.fit()
         expected = (
             space.num_grid_points() * max(1, math.ceil(args.trials / space.num_grid_points()))
@@ -354,7 +379,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
             else args.trials
         )
         done = results.num_terminated + results.num_errors
-        if done < expected:  # Ctrl-C: Tune saved the sweep and returned early (it does not raise)
+        if interrupt.seen or done < expected:  # Ctrl-C: Tune saved the sweep and returned early (it does not raise)
             status = "KILLED"
             if parent is not None:
                 tracking.mark_unfinished_children(parent)

@@ -21,6 +21,9 @@ import pytest
 
 from pipelines import train as train_cli
 from rgnet.config import load_config
+from rgnet.search_space import load_space
+
+SMOKE_EPOCHS = int(load_space(Path(__file__).resolve().parents[1] / "tune_spaces" / "smoke.yaml").fixed["train.epochs"])
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -132,7 +135,7 @@ def test_smoke_sweep_interrupted_restored(tmp_path: Path) -> None:
     runs = children(tmp_path)
     for run in runs:
         epochs = logged_epochs(client, run.info.run_id)
-        completed = epochs == [1, 2]
+        completed = epochs == list(range(1, SMOKE_EPOCHS + 1))
         assert run.info.status == ("FINISHED" if completed else "KILLED"), (run.info.run_name, epochs)
         assert (run.data.tags.get("rgnet.stopped_early") == "true") == (not completed), run.data.tags
     stopped = {t["trial_id"] for t in summary["trials"] if t["stopped_early"]}
