@@ -163,7 +163,7 @@ def released_layout(cfg: ModelConfig, video_dim: int, text_dim: int, max_query_t
     put("saliency_proj1.bias", (d,), reason=WHY_B1)
     linear("saliency_proj2", "sampling_context_proj", d, d)
     put("saliency_proj3.weight", (1, d), "context_head.weight")
-    put("saliency_proj3.bias", (1,), "context_bias")  # a fixed buffer here: InfoNCE gives a bias no gradient
+    put("saliency_proj3.bias", (1,), "context_head.offset")  # fixed here: InfoNCE gives a bias no gradient
     # DAB-DETR decoder
     for i in range(h_dec):
         rel, ours = f"transformer.decoder.layers.{i}", f"decoder.layers.{i}"

@@ -13,17 +13,9 @@ import torch.nn.functional as F
 
 from rgnet.config import LossConfig, ModelConfig, SamplerConfig
 from rgnet.model import Criterion, build_model, build_pairs
-from rgnet.model.encoder import (
-    Dropout,
-    FeedForward,
-    RGEncoder,
-    SelfAttentionLayer,
-    _drop_mask,
-    attend,
-    hard_mask_parts,
-    retrieval_attention_mask,
-)
-from rgnet.model.rgnet import frozen_context_logit
+from rgnet.model.encoder import RGEncoder
+from rgnet.model.layers import Dropout, FeedForward, SelfAttentionLayer, _drop_mask, attend
+from rgnet.model.retrieval import frozen_context_logit, hard_mask_parts, retrieval_attention_mask
 from rgnet.model.sampler import GumbelSampler, straight_through_gate
 
 Negatives = Literal["in_batch", "same_video", "both"]

@@ -29,8 +29,8 @@ from rgnet.config import Config, ConfigError, ModelConfig, apply_overrides, from
 from rgnet.data.dataset import open_split
 from rgnet.data.synthetic import ensure_dataset
 from rgnet.model import build_model, build_pairs
+from rgnet.model.cross_attention import CrossAttentionLayer, released_cross_attention_mask
 from rgnet.model.embeddings import released_token_norm
-from rgnet.model.encoder import CrossAttentionLayer, released_cross_attention_mask
 from rgnet.predict import ground
 from rgnet.released import (
     ReleasedCheckpointError,

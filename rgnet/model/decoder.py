@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from rgnet.config import ModelConfig
 from rgnet.model.embeddings import anchor_embedding
-from rgnet.model.encoder import Dropout, FeedForward, attend, merge_heads, split_heads, xavier_init_
+from rgnet.model.layers import MLP, Dropout, FeedForward, attend, merge_heads, split_heads, xavier_init_
 from rgnet.model.randomness import RowRandom
 
 INVERSE_SIGMOID_EPS = 1e-3
@@ -33,19 +33,6 @@ def inverse_sigmoid(x: Tensor, eps: float = INVERSE_SIGMOID_EPS) -> Tensor:
     """log(x / (1 - x)) with both terms clamped at eps (DETR-family convention)."""
     x = x.clamp(0.0, 1.0)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
-
-
-class MLP(nn.Sequential):
-    """``num_layers`` Linear layers with ReLU in between (none after the last)."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> None:
-        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-        layers: list[nn.Module] = []
-        for i in range(num_layers):
-            layers.append(nn.Linear(dims[i], dims[i + 1]))
-            if i < num_layers - 1:
-                layers.append(nn.ReLU())
-        super().__init__(*layers)
 
 
 class AnchorDecoderLayer(nn.Module):

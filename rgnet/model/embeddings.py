@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from rgnet.model.encoder import Dropout
+from rgnet.model.layers import Dropout
 from rgnet.model.randomness import RowRandom
 
 

@@ -46,14 +46,15 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rgnet.config import ModelConfig
-from rgnet.model.decoder import MLP, AnchorDecoder, inverse_sigmoid
+from rgnet.model.decoder import AnchorDecoder, inverse_sigmoid
 from rgnet.model.embeddings import InputProjection, released_token_norm, video_positions
 from rgnet.model.encoder import PlainEncoder, RGEncoder
+from rgnet.model.layers import MLP
 from rgnet.model.randomness import BatchRandom, RowRandom
+from rgnet.model.retrieval import ContextScore, frozen_context_logit
 
 
 class EncoderOutput(NamedTuple):
@@ -110,25 +111,6 @@ def build_pairs(
     raise ValueError(f"loss.negatives={negatives!r} is not one of in_batch, same_video, both")
 
 
-def frozen_context_logit(
-    video: Tensor, video_mask: Tensor, sentence: Tensor, window_index: Tensor, text_index: Tensor
-) -> Tensor:
-    """The disjoint baseline's retriever: max over valid frames of cosine(raw frame, sentence feature).
-
-    video (W, Lv, Dv), video_mask (W, Lv), sentence (B, Dv) -> (N,).  No parameters (CONE-style frozen ranking).
-    """
-    if sentence.shape[-1] != video.shape[-1]:
-        raise ValueError(
-            f"frozen ranking (model.retrieval=none) compares sentence features of width {sentence.shape[-1]} with "
-            f"video features of width {video.shape[-1]}; the sentence features must live in the video tower's "
-            "space (data.sentence_features), or use model.retrieval=context"
-        )
-    sim = torch.einsum("wld,bd->wbl", F.normalize(video.float(), dim=-1), F.normalize(sentence.float(), dim=-1))
-    sim = sim.masked_fill(~video_mask[:, None, :], float("-inf"))  # (W, B, Lv)
-    best = sim.amax(dim=-1)  # (W, B)
-    return best[window_index, text_index]
-
-
 class RGNet(nn.Module):
     """Encoder (retrieval) + anchor decoder (grounding); see the module docstring for the schemas."""
 
@@ -139,13 +121,8 @@ class RGNet(nn.Module):
         self.video_proj = InputProjection(video_dim, d, cfg.input_dropout)
         self.text_proj = InputProjection(text_dim, d, cfg.input_dropout)
         self.encoder: RGEncoder | PlainEncoder = RGEncoder(cfg) if cfg.encoder == "rg" else PlainEncoder(cfg)
-        # context score (Sec. 3.3); frozen ranking (retrieval=none) has no head, so no parameter lacks a gradient.
-        # No trainable bias: InfoNCE is invariant to a shift of all logits of a row (and of a column), so a bias would
-        # get a zero gradient (rounding noise only).  A fixed ``context_bias`` (0; an imported released checkpoint's
-        # trained value) still enters sigmoid(s_ctx), the factor of the moment score.
-        self.context_head = nn.Linear(d, 1, bias=False) if cfg.retrieval == "context" else None
-        self.context_bias: Tensor
-        self.register_buffer("context_bias", torch.zeros(1))
+        # context score (Sec. 3.3); frozen ranking (retrieval=none) has no head, so no parameter lacks a gradient
+        self.context_head = ContextScore(d) if cfg.retrieval == "context" else None
         # W1 of Eq. 7 without b1: <b1, W2 r + b2> is the same for every frame of a pair, so the hinge (a difference
         # of two frames' scores) cancels it and b1 would never get a gradient (it stays at its init when released)
         self.sampling_frame_proj = nn.Linear(d, d, bias=False)
@@ -187,7 +164,7 @@ class RGNet(nn.Module):
         pair_frames = frames.index_select(0, window_index)  # (N, Lv, D)
         state = self.encoder(pair_frames, pair_pos, pair_mask, words, text_mask, text_index, rng.pairs if rng else None)
         if self.context_head is not None:
-            context_logit = self.context_head(state.context).squeeze(-1) + self.context_bias  # (N,)
+            context_logit = self.context_head(state.context)  # (N,)
         else:
             assert sentence is not None
             context_logit = frozen_context_logit(video, video_mask, sentence, window_index, text_index)
@@ -240,12 +217,12 @@ _KEY_BIASES = (".k_proj.bias", ".sa_k_content.bias", ".sa_k_pos.bias", ".ca_k_co
 
 def _upgrade_state_dict(state: dict[str, Tensor], prefix: str, *args: object) -> None:
     """Load checkpoints written before the key projections and the context head lost their biases (same function):
-    attention key biases cancel in the softmax and are dropped; a context-head bias becomes ``context_bias``."""
+    attention key biases cancel in the softmax and are dropped; a context-head bias becomes its fixed offset."""
     for key in [k for k in state if k.startswith(prefix) and k.endswith(_KEY_BIASES)]:
         del state[key]
-    old_bias = state.pop(prefix + "context_head.bias", None)
-    if prefix + "context_bias" not in state:
-        state[prefix + "context_bias"] = old_bias.reshape(1) if old_bias is not None else torch.zeros(1)
+    for old in ("context_head.bias", "context_bias"):
+        if prefix + old in state:
+            state.setdefault(prefix + "context_head.offset", state.pop(prefix + old).reshape(1))
 
 
 def build_model(cfg: ModelConfig, video_dim: int, text_dim: int) -> RGNet:
