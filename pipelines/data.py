@@ -19,7 +19,8 @@ windows until its queries' batches come up, or giving up random batches across v
 windows are the local loader's reads, in bounded memory.  The map tasks keep the split's HDF5 handles per process
 (:func:`read_step`).
 
-Glossary: B global batch, N workers, B_r = B / N, Lv frames per window, Dv / Dt video / text widths, Lq words.
+Glossary (``rgnet`` package docstring): B global batch, R workers, B_r = B / R, Lv frames per window, Dv / Dt video /
+text widths, Lq words.
 """
 
 from __future__ import annotations

@@ -252,9 +252,7 @@ def init_ray(cfg: Config, *, verbose: bool = True) -> bool:
             ray.init(**quiet)
         else:
             # the dashboard stays on: Ray Train's placement-group cleaner needs the State API it serves
-            ray.init(
-                num_cpus=max(2, os.cpu_count() or 2), include_dashboard=True, dashboard_host="127.0.0.1", **quiet
-            )
+            ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
     except ConnectionError as e:
         raise SetupError(f"cannot connect to Ray at {cfg.ray.address or os.environ.get('RAY_ADDRESS')}: {e}") from e
     return True

@@ -217,7 +217,7 @@ class Grounding:
     moments: list[list[float]]  # [start_sec, end_sec, score], best first, after NMS
     windows: list[list[float]]  # every window [start_sec, end_sec, sigmoid(s_ctx)], best first
     bounds: np.ndarray  # (P, 2) window frames [start, stop)
-    scores: VideoScores  # context logits (1, P) and, when asked, sampling scores (1, P, W)
+    scores: VideoScores  # context logits (1, P) and, when asked, sampling scores (1, P, Lv)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -1,6 +1,6 @@
 """Training and evaluation samples: from query records and feature stores to model batches.
 
-Glossary: B queries of a global batch (``train.batch_size``), B_r = B / R the queries of one of R ranks (processes
+Glossary (``rgnet`` package docstring): B queries of a global batch (``train.batch_size``), B_r = B / R the queries of one of R ranks (processes
 that share a step: 1 in ``rgnet train --local``, ``ray.num_workers`` on Ray), Lv = W frames per window, Lq words,
 Dv / Dt video / text widths.
 
@@ -330,15 +330,15 @@ class VideoItem:
 def gather_windows(
     frames: Tensor, bounds: np.ndarray, length: int, which: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Windows ``which`` (default all) of a video: (T, Dv) -> (P', W, Dv) zero-padded and (P', W) bool mask.
+    """Windows ``which`` (default all) of a video: (T, Dv) -> (P', Lv, Dv) zero-padded and (P', Lv) bool mask.
 
     One index gather, no Python loop over windows; only the requested windows are materialised, so the caller
     bounds memory by asking for chunks.
     """
     b = torch.from_numpy(bounds) if which is None else torch.from_numpy(bounds)[which]
-    idx = b[:, :1] + torch.arange(length)[None, :]  # (P', W) frame index
+    idx = b[:, :1] + torch.arange(length)[None, :]  # (P', Lv) frame index
     mask = idx < b[:, 1:2]
-    windows = frames[idx.clamp(max=frames.shape[0] - 1)]  # (P', W, Dv)
+    windows = frames[idx.clamp(max=frames.shape[0] - 1)]  # (P', Lv, Dv)
     return windows * mask[..., None], mask
 
 

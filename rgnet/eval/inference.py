@@ -32,7 +32,7 @@ class VideoScores:
     """What the retrieval stage saw for each query of a video (for the retrieval metric and for plots)."""
 
     context_logit: Tensor  # (q, P) context score of every window
-    sampling_score: Tensor | None  # (q, P, W) frame sampling scores, when requested
+    sampling_score: Tensor | None  # (B, P, Lv) frame sampling scores, when requested
 
 
 def _frame_starts(item: VideoItem, which: Tensor) -> tuple[Tensor, Tensor]:
@@ -104,7 +104,7 @@ def _decode_kept(
 ) -> list[PredictionRow]:
     q = kept["logit"].shape[0]
     enc = EncoderOutput(
-        memory=kept["memory"].flatten(0, 1),  # (q*k, W, D)
+        memory=kept["memory"].flatten(0, 1),  # (B*K, Lv, D)
         memory_mask=kept["memory_mask"].flatten(0, 1),
         pos=kept["pos"].flatten(0, 1),
         context_logit=kept["logit"].flatten(),

@@ -1,7 +1,7 @@
 """RGNet's training losses (paper Sec. 3.5, Eq. 6-10; DESIGN section 4).
 
-Glossary: B queries (= decoded positive pairs), N query-window pairs, W windows, Lv frames, Q moment queries,
-L decoder layers.
+Glossary (``rgnet`` package docstring): B queries (= decoded positive pairs), N query-window pairs, P windows, Lv
+frames, Q moment queries, L decoder layers.
 
 - Grounding (Eq. 9), on every decoder layer (or the last only without ``aux_loss``), each matched independently:
   span_l1_weight * L1 + giou_weight * (1 - GIoU) + fg_weight * CE(fg/bg).  L1 is the mean over matched pairs and
@@ -69,7 +69,7 @@ def contrastive_loss(
     temperature: float,
     shard: QueryShard | None = None,
 ) -> Tensor:
-    """Eq. 8: InfoNCE over the (B, W) matrix of context logits; the positive of query q is window q.
+    """Eq. 8: InfoNCE over the (B, P) matrix of context logits; the positive of query q is window q.
 
     Entries without a pair are -inf (they drop out of the softmax).
     - in_batch: symmetric CE over the B x B block (rows and columns averaged; CLIP-style, as released).
@@ -84,7 +84,7 @@ def contrastive_loss(
     shard = shard or QueryShard(0, b)
     total, offset = shard.total, shard.offset
     logits = context_logit.new_full((b, num_windows), float("-inf"))
-    logits = logits.index_put((pair_text, pair_window), context_logit / temperature)  # (B_r, W)
+    logits = logits.index_put((pair_text, pair_window), context_logit / temperature)  # (B_r, P)
     target = torch.arange(b, device=logits.device) + offset  # each row's positive window
     row = F.cross_entropy(logits, target, reduction="sum") / total
     if negatives == "same_video":

@@ -1,7 +1,7 @@
 """Eq. 1: text-to-video cross-attention, the first stage of both encoders.
 
-Glossary: ``rgnet`` package docstring (N query-window pairs, B queries, Lv frames per window, Lq words, D hidden,
-H heads).
+Glossary (``rgnet`` package docstring): N query-window pairs, B queries, Lv frames per window, Lq words, D hidden,
+H heads.
 
 Every frame (a query of the attention, with its sine position) reads the words of its query (keys and values,
 without positions): the frames become conditioned on the sentence.  Two layers, QD-DETR's residual order as released.

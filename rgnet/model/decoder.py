@@ -1,6 +1,7 @@
 """The grounding decoder (paper Sec. 3.4): DAB-DETR-style anchor decoder over the encoded proposal.
 
-Glossary: M decoded pairs, Q moment queries (anchors), Lv frames per window, D hidden, H heads, L decoder layers.
+Glossary (``rgnet`` package docstring): M decoded pairs, Q moment queries (anchors), Lv frames per window, D hidden, H
+heads, L decoder layers.
 
 Follows DAB-DETR (Liu et al., "DAB-DETR: Dynamic Anchor Boxes are Better Queries for DETR", ICLR 2022) in 1-D, as
 RGNet configures it (reference notes section 3): Q learnable anchors (center, width); per layer the anchor's sine

@@ -1,6 +1,7 @@
 """Input projections and sine embeddings (DESIGN section 3.1, reference notes section 1.1-1.2).
 
-Glossary: W distinct windows, B queries, N query-window pairs, Lv frames per window, Lq words, D hidden.
+Glossary (``rgnet`` package docstring): P distinct windows, B queries, N query-window pairs, Lv frames per window, Lq
+words, D hidden.
 """
 
 from __future__ import annotations
@@ -66,13 +67,13 @@ def sine_embedding(x: Tensor, dim: int, temperature: float) -> Tensor:
 
 
 def video_positions(video_mask: Tensor, dim: int, temperature: float) -> Tensor:
-    """1-D sine positions over each window's *valid* length: (W, Lv) bool -> (W, Lv, dim).
+    """1-D sine positions over each window's *valid* length: (P, Lv) bool -> (P, Lv, dim).
 
     Position j is 2π * (number of valid frames up to j) / (valid length), so a short (padded) last window spans the
     same 0..2π range as a full one; padded frames all sit at 2π (as the released code does).
     """
-    count = video_mask.float().cumsum(dim=1)  # (W, Lv)
-    pos = count / (count[:, -1:] + 1e-6) * (2 * math.pi)  # (W, Lv)
+    count = video_mask.float().cumsum(dim=1)  # (P, Lv)
+    pos = count / (count[:, -1:] + 1e-6) * (2 * math.pi)  # (P, Lv)
     return sine_embedding(pos, dim, temperature)
 
 

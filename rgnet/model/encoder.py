@@ -1,6 +1,6 @@
 """The RG-Encoder (paper Sec. 3.2-3.3: Eq. 1-5 composed) and the plain encoder of the "no unified encoder" ablation.
 
-Glossary: ``rgnet`` package docstring (N query-window pairs, B queries, Lv frames per window, Lq words, D hidden).
+Glossary (``rgnet`` package docstring): N query-window pairs, B queries, Lv frames per window, Lq words, D hidden.
 
 Both encoders first condition every frame on its query with cross-attention (Eq. 1, ``cross_attention``).  The
 RG-Encoder then gates the frames with the sampler (Eq. 2, ``sampler``) and runs retrieval attention over [retrieval

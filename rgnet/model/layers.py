@@ -1,7 +1,7 @@
 """The transformer pieces every stage of RGNet is built from (no equation of the paper of its own).
 
-Glossary: ``rgnet`` package docstring.  Here N rows (pairs or windows), L a sequence length, D hidden, H heads,
-F the FFN width.
+Glossary (``rgnet`` package docstring); here N rows (pairs or windows), L a sequence length, D hidden, H heads, F the
+FFN width.
 
 Attention everywhere is ``F.scaled_dot_product_attention`` (fused kernels) with boolean masks, True = attend; only
 the released-code ("additive") retrieval mask is a float mask.  Every query row keeps at least one key, so no row is

@@ -1,10 +1,10 @@
 """Hungarian matching of moment predictions to the ground truth (DETR, Carion et al. 2020; RGNet Eq. 9).
 
-Glossary: M decoded pairs (samples), Q moment queries, T targets per sample.
+Glossary (``rgnet`` package docstring): M decoded pairs (samples), Q moment queries, G ground-truth spans per sample.
 
 Cost of prediction k against a target: match_l1 * ||b_k - b||_1 - match_giou * GIoU(b_k, b) - match_fg * p_k(fg),
 with spans b = (center, width) and p = softmax(logits).  Every positive window has exactly one GT span, so the
-optimal assignment is the argmin of the cost over Q; :func:`match` is the general T-target solver
+optimal assignment is the argmin of the cost over Q; :func:`match` is the general G-target solver
 (scipy's ``linear_sum_assignment``) that the fast path is tested against.
 """
 
@@ -19,7 +19,7 @@ from rgnet.span_ops import cw_to_se, elementwise_giou
 
 
 def match(cost: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """General assignment: cost (M, Q, T) -> per sample (query indices, target indices), sorted by target."""
+    """General assignment: cost (M, Q, G) -> per sample (query indices, target indices), sorted by target."""
     out = []
     for c in cost.detach().cpu().numpy():
         rows, cols = linear_sum_assignment(c)

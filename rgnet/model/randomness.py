@@ -1,6 +1,6 @@
 """Keyed random streams: the model's random draws (dropout masks, Gumbel noise) as a function of *which* row is drawn.
 
-Glossary: R rows of one kind (W windows, B queries or N query-window pairs of a batch).
+Glossary (``rgnet`` package docstring): R rows of one kind (P windows, B queries or N query-window pairs of a batch).
 
 Why: one global step must compute the same thing in one process and on N workers (DESIGN section 6).  With one
 global generator a row's dropout mask and Gumbel noise depend on how the batch was split over workers and on the
@@ -102,14 +102,14 @@ class RowRandom:
 
 
 class BatchRandom:
-    """The keyed streams of one training batch: windows (W), queries (B) and query-window pairs (N)."""
+    """The keyed streams of one training batch: windows (P), queries (B) and query-window pairs (N)."""
 
     def __init__(self, windows: RowRandom, texts: RowRandom, pairs: RowRandom) -> None:
         self.windows, self.texts, self.pairs = windows, texts, pairs
 
     @classmethod
     def from_batch(cls, batch: dict[str, Tensor], device: torch.device) -> BatchRandom | None:
-        """Streams from the batch's ``window_key`` (W,) and ``text_key`` (B,); None when the batch has no keys."""
+        """Streams from the batch's ``window_key`` (P,) and ``text_key`` (B,); None when the batch has no keys."""
         if "window_key" not in batch or "text_key" not in batch:
             return None
         keys = pair_keys(batch["window_key"], batch["text_key"], batch["pair_window"], batch["pair_text"])

@@ -2,8 +2,8 @@
 over [retrieval token; frames], the encoded proposal, the context score that ranks windows, and the disjoint
 baseline's frozen ranker.
 
-Glossary: ``rgnet`` package docstring (N query-window pairs, P windows, B queries, Lv frames per window, L = 1 + Lv,
-D hidden, H heads).
+Glossary (``rgnet`` package docstring): N query-window pairs, P windows, B queries, Lv frames per window, L = 1 + Lv,
+D hidden, H heads.
 
 - Eq. 3 (:func:`retrieval_attention_mask`, :func:`hard_mask_parts`): a frame the sampler calls irrelevant (g = 0)
   may attend only to itself; the retrieval token's row is never restricted.  ``model.mask_mode``: ``hard`` (the
@@ -129,7 +129,7 @@ def frozen_context_logit(
 ) -> Tensor:
     """The disjoint baseline's retriever: max over valid frames of cosine(raw frame, sentence feature).
 
-    video (W, Lv, Dv), video_mask (W, Lv), sentence (B, Dv) -> (N,).  No parameters (CONE-style frozen ranking).
+    video (P, Lv, Dv), video_mask (P, Lv), sentence (B, Dv) -> (N,).  No parameters (CONE-style frozen ranking).
     """
     if sentence.shape[-1] != video.shape[-1]:
         raise ValueError(
@@ -138,6 +138,6 @@ def frozen_context_logit(
             "space (data.sentence_features), or use model.retrieval=context"
         )
     sim = torch.einsum("wld,bd->wbl", F.normalize(video.float(), dim=-1), F.normalize(sentence.float(), dim=-1))
-    sim = sim.masked_fill(~video_mask[:, None, :], float("-inf"))  # (W, B, Lv)
-    best = sim.amax(dim=-1)  # (W, B)
+    sim = sim.masked_fill(~video_mask[:, None, :], float("-inf"))  # (P, B, Lv)
+    best = sim.amax(dim=-1)  # (P, B)
     return best[window_index, text_index]

@@ -1,13 +1,13 @@
 """RGNet: the unified retrieval and grounding network (Hannan et al., arXiv 2312.06729), and its input/output schema.
 
-Glossary: B queries, W distinct windows in a batch, N query-window pairs, M decoded pairs, Lv frames per window,
-Lq words, Dv / Dt video / text feature widths, D hidden, Q moment queries, L decoder layers.
+Glossary (``rgnet`` package docstring): B queries, P distinct windows in a batch, N query-window pairs, M decoded pairs,
+Lv frames per window, Lq words, Dv / Dt video / text feature widths, D hidden, Q moment queries, L decoder layers.
 
 Batch schema (what ``forward`` reads; built by ``rgnet.data.samples.collate_train``)::
 
-    video        (W, Lv, Dv) float  distinct windows: [B positive windows (window b belongs to query b);
+    video        (P, Lv, Dv) float  distinct windows: [B positive windows (window b belongs to query b);
                                     then the optional same-video negative windows]
-    video_mask   (W, Lv) bool       True = valid frame
+    video_mask   (P, Lv) bool       True = valid frame
     text         (B, Lq, Dt) float  word features (L2-normalised per token by the data pipeline; raw with
                                     model.compat=released, which normalises them in ``encode``)
     text_mask    (B, Lq) bool       True = valid word
@@ -15,7 +15,7 @@ Batch schema (what ``forward`` reads; built by ``rgnet.data.samples.collate_trai
     pair_text    (N,) long
     positive_pair (B,) long         index into N of query b's positive pair (query b, window b)
     sentence     (B, Dv) float      optional; sentence features in the video tower's space (retrieval="none" only)
-    window_key   (W,) long          optional; keys of the windows' random streams (rgnet.model.randomness): with
+    window_key   (P,) long          optional; keys of the windows' random streams (rgnet.model.randomness): with
     text_key     (B,) long          them, training draws (dropout, Gumbel noise) depend only on the keys
 
 Output schema (``forward``)::
@@ -143,7 +143,7 @@ class RGNet(nn.Module):
         sentence: Tensor | None = None,
         randomness: BatchRandom | None = None,
     ) -> EncoderOutput:
-        """Encode N pairs (window_index[n], text_index[n]) of W distinct windows and B distinct queries.
+        """Encode N pairs (window_index[n], text_index[n]) of P distinct windows and B distinct queries.
 
         Each window and each query is projected once, then gathered per pair.  ``sentence`` (B, Dv) is needed only
         for retrieval="none".  ``randomness``: keyed streams of the windows, queries and pairs (training only).
@@ -154,7 +154,7 @@ class RGNet(nn.Module):
                 "set data.sentence_features (or use model.retrieval=context)"
             )
         rng = randomness if self.training else None
-        frames = self.video_proj(video, rng.windows if rng else None)  # (W, Lv, D)
+        frames = self.video_proj(video, rng.windows if rng else None)  # (P, Lv, D)
         pos = video_positions(video_mask, self.cfg.hidden_dim, self.cfg.pos_temperature).to(frames.dtype)
         if self.cfg.compat == "released":
             text = released_token_norm(text)  # raw tokens in (data.normalize_text=false), normalised as released

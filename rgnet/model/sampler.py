@@ -1,6 +1,6 @@
 """The frame sampler (paper Eq. 2 and appendix Eq. 11-13): a hard 0/1 relevance gate per frame.
 
-Glossary: N query-window pairs, Lv frames per window, D hidden.
+Glossary (``rgnet`` package docstring): N query-window pairs, Lv frames per window, D hidden.
 
 With two classes {relevant, irrelevant} and logits {log σ(z), log(1 - σ(z))}, the Gumbel-softmax of Eq. 13 equals
 σ((z + G1 - G2) / τ), and G1 - G2 of two i.i.d. Gumbels is logistic noise log(u) - log(1 - u).  The hard value
