@@ -192,7 +192,7 @@ def markdown_table(table: dict[str, Any], changes: dict[str, str]) -> str:
 # MLflow: the table as a parent run, a child run per row and seed
 # ---------------------------------------------------------------------------------------------------------------
 # rgnet train --local keeps bare names in history.json; these are its training ones (the rest are validation metrics),
-# the split write_epoch_plots in pipelines.train makes
+# the split rgnet.train.run.write_epoch_plots makes
 TRAIN_KEYS = ("loss", "pairs_per_s", "queries_per_s", "lr", "steps", "seconds")
 
 
@@ -288,8 +288,8 @@ def _describe(bundle: dict[str, Any]) -> str:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from pipelines.train import prepare_data
-    from pipelines.tune import resolve_space_path
+    from pipelines.common import resolve_space_path
+    from rgnet.data.synthetic import ensure_configured_dataset
     from rgnet.eval.plots import variant_bars
 
     space = load_space(resolve_space_path(args.space))
@@ -310,7 +310,7 @@ def _main(args: argparse.Namespace) -> int:
     out_dir = Path(base.train.output_dir).resolve() / (args.name or space.path.stem)
     out_dir.mkdir(parents=True, exist_ok=True)
     configs = {v: variant_config(space, list(args.overrides), v, out_dir) for v in order}
-    prepare_data(base)  # once, before the children start (they would otherwise race to generate it)
+    ensure_configured_dataset(base.data)  # once, before the children start (they would otherwise race to generate it)
     t0 = time.perf_counter()
     timings = run_variants(configs, out_dir, args.parallel, args.fresh)
     full = configs.get("full") or base

@@ -132,13 +132,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from pipelines.data import WorkerSteps
-    from pipelines.train import prepare_data, resolve_paths
+    from pipelines.runtime import resolve_paths
     from rgnet.config import load_config
     from rgnet.data.dataset import open_split
     from rgnet.data.samples import TrainBatches
+    from rgnet.data.synthetic import ensure_configured_dataset
 
     cfg = resolve_paths(load_config(args.preset, None, ["ray.data_workers=2", *args.overrides]))
-    prepare_data(cfg)
+    ensure_configured_dataset(cfg.data)
     torch.set_num_threads(1)  # the consumer and the baseline: one thread each (collation is the only torch work)
     data = open_split(cfg.data, cfg.data.train_split)
     local = TrainBatches(data, cfg)

@@ -6,9 +6,12 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from rgnet.config import Config, ConfigError, available_presets, load_config
+
+SPACE_DIR = Path(__file__).resolve().parent.parent / "tune_spaces"  # the shipped search spaces
 
 
 def add_config_args(parser: argparse.ArgumentParser, default_preset: str | None = None) -> None:
@@ -75,3 +78,15 @@ def ray_run_dir(cfg: Config) -> str:
 
 def abspath(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
+
+
+def resolve_space_path(name: str) -> Path:
+    """A search-space file: a path, or the name of one in ``tune_spaces/`` (``proposals``, ``smoke``, ...)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    candidate = SPACE_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if candidate.exists():
+        return candidate
+    have = ", ".join(sorted(p.stem for p in SPACE_DIR.glob("*.yaml")))
+    raise ConfigError(f"search space {name!r} not found (neither a file nor one of tune_spaces/: {have})")

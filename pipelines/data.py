@@ -190,12 +190,12 @@ class VideoPredictor:
         import ray
         import torch
 
-        from pipelines.predict import model_and_config
+        from rgnet.train.checkpoint import model_with_overrides
         from rgnet.train.loop import resolve_device
 
         torch.set_num_threads(max(1, num_threads))
         payload = ray.get(payload_ref[0])  # wrapped in a list so that Ray hands over the reference, not a copy
-        self.model, self.cfg = model_and_config(payload, overrides)
+        self.model, self.cfg = model_with_overrides(payload, overrides)
         self.device = resolve_device(self.cfg.train.device)
         self.model.to(self.device).eval()
         self.data = open_split(self.cfg.data, split)

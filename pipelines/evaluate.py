@@ -235,22 +235,10 @@ def evaluate_prediction_file(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # Mode: model checkpoint on a split
 # ---------------------------------------------------------------------------------------------------------------
-def load_model_uri(uri: str, tracking_uri: str | None) -> dict[str, Any]:
-    """The checkpoint payload of an MLflow model (runs:/ or models:/ URI): the pyfunc model ``rgnet train`` logs, or
-    the plain model folder of runs logged before it (:func:`pipelines.mlflow_model.load_payload`)."""
-    import os
-
-    from pipelines.mlflow_model import load_payload
-    from pipelines.tracking import probe, resolve_uri
-
-    store = resolve_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
-    probe(store)
-    return load_payload(uri, store)
-
-
 def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     """Two-stage inference of a checkpoint on a split of its dataset; the metrics come from the checkpoint's config
     (eval.*) unless overridden with --set."""
+    from pipelines.runtime import load_model_uri
     from rgnet.config import apply_overrides
     from rgnet.data.dataset import open_split
     from rgnet.eval.predictions import write_predictions

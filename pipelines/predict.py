@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Model loading
 # ---------------------------------------------------------------------------------------------------------------
 def load_payload(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    from pipelines.evaluate import load_model_uri
+    from pipelines.runtime import load_model_uri
     from rgnet.train.checkpoint import load_checkpoint
 
     if bool(args.checkpoint) == bool(args.model_uri):
@@ -105,26 +105,17 @@ def load_payload(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     return load_model_uri(args.model_uri, args.tracking_uri), str(args.model_uri)
 
 
-def model_and_config(payload: dict[str, Any], overrides: list[str]) -> tuple[Any, Config]:
-    from rgnet.train.checkpoint import model_from_payload
-
-    model, cfg = model_from_payload(payload)
-    new = apply_overrides(cfg, overrides)
-    if new.model != cfg.model or new.data.video_dim != cfg.data.video_dim or new.data.text_dim != cfg.data.text_dim:
-        raise ConfigError("model.* and data.{video,text}_dim are fixed by the trained checkpoint")
-    return model, new
-
-
 def smoke_payload() -> dict[str, Any]:
     """An untrained tiny-preset model and its (generated) dataset: exercises the whole path in seconds."""
-    from pipelines.train import prepare_data, resolve_paths
+    from pipelines.runtime import resolve_paths
     from rgnet.config import load_config
+    from rgnet.data.synthetic import ensure_configured_dataset
     from rgnet.model import build_model
     from rgnet.train.checkpoint import make_payload
     from rgnet.train.loop import seed_everything
 
     cfg = resolve_paths(load_config("tiny", None, []))
-    prepare_data(cfg)
+    ensure_configured_dataset(cfg.data)
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim)
     return make_payload(model, cfg, epoch=0, global_step=0)
@@ -322,7 +313,7 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
 
     from pipelines import tracking
     from pipelines.data import build_eval_dataset, video_table
-    from pipelines.train import init_ray
+    from pipelines.runtime import init_ray
     from rgnet.data.dataset import open_split
     from rgnet.eval.metrics import evaluate_with, format_table
     from rgnet.eval.plots import recall_vs_k, retrieval_vs_windows
@@ -457,6 +448,7 @@ def _rows(ds: Any) -> Iterator[dict[str, str]]:
 # ---------------------------------------------------------------------------------------------------------------
 def _main(args: argparse.Namespace) -> int:
     from rgnet.text import TextEncoderUnavailable
+    from rgnet.train import checkpoint as ckpt
 
     if args.video and args.split:
         return fail("give --video (one query) or --split (batch inference), not both")
@@ -467,7 +459,7 @@ def _main(args: argparse.Namespace) -> int:
                 args.split = "val"
         else:
             payload, source = load_payload(args)
-        model, cfg = model_and_config(payload, args.overrides)
+        model, cfg = ckpt.model_with_overrides(payload, args.overrides)
         if args.split:
             predict_split(args, payload, cfg, source)
         elif args.video:

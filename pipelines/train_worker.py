@@ -109,6 +109,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     from rgnet.train import checkpoint as ckpt
     from rgnet.train.distributed import step_group
     from rgnet.train.loop import fit, seed_everything, set_threads
+    from rgnet.train.run import progress_line
 
     cfg = from_dict(config)
     worker_cfg = from_dict({"train": {"progress": False}}, cfg)  # per-epoch lines from rank 0 instead of bars
@@ -171,7 +172,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             if result.val_report is not None and result.val_rows is not None:
                 atomic_write_json(Path(d) / VAL_REPORT_FILE, {"epoch": result.epoch, **result.val_report})
                 write_predictions(Path(d) / VAL_PREDICTIONS_FILE, result.val_rows)
-            say(run_key, progress_line(entry, cfg), log)  # one line per epoch on the driver's console
+            val = result.val_report["metrics"] if result.val_report else {}
+            line = progress_line(result.epoch, t.epochs, result.train, val, result.is_best)
+            say(run_key, line, log)  # one line per epoch on the driver's console
             ray.train.report(  # Ray: metrics + checkpoint, copied to the run's storage before this returns
                 {**metrics, **entry, SELECTION_SCORE: selection_score(value, result.epoch)},
                 checkpoint=ray.train.Checkpoint.from_directory(d),
@@ -193,14 +196,3 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             make_payload=make_payload,
             group=group,
         )
-
-
-def progress_line(entry: dict[str, Any], cfg: Config) -> str:
-    line = (
-        f"epoch {entry['epoch']}/{cfg.train.epochs}: loss {entry['train/loss']:.4f}  "
-        f"{entry['train/pairs_per_s']:.1f} pairs/s  {entry['train/seconds']:.1f} s"
-    )
-    shown = [k for k in ("retrieval_R1", "R1@0.3", "R1@0.5", "R5@0.3", "mIoU") if f"val/{k}" in entry]
-    if shown:
-        line += "  val " + "  ".join(f"{k} {entry[f'val/{k}']:.2f}" for k in shown)
-    return line

@@ -2,7 +2,7 @@
 
 The current Tune-drives-Train pattern (Ray 2.60, Train V2): every trial is a small *driver* function
 (:func:`trial_driver`) that builds the trial's config (the space's base config + the sampled point), opens an MLflow
-child run and runs a TorchTrainer exactly as ``rgnet train`` does (:func:`pipelines.train.fit_on_ray`), with Ray's
+child run and runs a TorchTrainer exactly as ``rgnet train`` does (:func:`pipelines.trainer.fit_on_ray`), with Ray's
 ``TuneReportCallback`` forwarding rank 0's per-epoch metrics to Tune.  The searcher is ``OptunaSearch`` (TPE, seeded)
 behind a ``ConcurrencyLimiter``; spaces with ``grid`` keys or grid variants (e.g. the ablation grid) use Tune's grid
 search instead, since a grid is not something TPE samples.  An ASHA scheduler stops poor trials at its rungs (one
@@ -56,7 +56,6 @@ from rgnet.search_space import VARIANT_KEY, SearchSpace, load_space, trial_overr
 
 log = logging.getLogger("rgnet.tune")
 
-SPACE_DIR = Path(__file__).resolve().parent.parent / "tune_spaces"
 SETTINGS_FILE = "sweep_settings.json"  # the settings trials get, kept next to sweep.json so a restore reuses them
 LOGGERS = ("csv", "json", "tensorboard")
 
@@ -89,17 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="key=value", help="config overrides on top of the space's base config"
     )
     return p
-
-
-def resolve_space_path(name: str) -> Path:
-    path = Path(name)
-    if path.exists():
-        return path
-    candidate = SPACE_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
-    if candidate.exists():
-        return candidate
-    have = ", ".join(sorted(p.stem for p in SPACE_DIR.glob("*.yaml")))
-    raise ConfigError(f"search space {name!r} not found (neither a file nor one of tune_spaces/: {have})")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,7 +146,7 @@ def trial_driver(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines import tracking
-    from pipelines.train import fit_on_ray
+    from pipelines.trainer import fit_on_ray
     from rgnet.data.dataset import open_split
 
     space = load_space(sweep["space"])
@@ -254,8 +242,10 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     from ray.tune.search.optuna import OptunaSearch
 
     from pipelines import tracking
-    from pipelines.train import init_ray, prepare_data, resolve_paths
+    from pipelines.common import resolve_space_path
+    from pipelines.runtime import init_ray, resolve_paths, tracked_run
     from rgnet.data.dataset import open_split
+    from rgnet.data.synthetic import ensure_configured_dataset
     from rgnet.io import atomic_write_json
 
     if args.smoke_test and not args.space:
@@ -278,7 +268,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
             if "://" not in path and Path(path).exists():
                 shutil.rmtree(path)
         settings_file.unlink(missing_ok=True)
-    prepare_data(base)
+    ensure_configured_dataset(base.data)
     splits = {  # a missing or malformed dataset fails here, before any trial starts
         "train": open_split(base.data, base.data.train_split),
         "val": open_split(base.data, base.data.val_split),
@@ -303,9 +293,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     for split in splits.values():
         split.close()
 
-    connected = init_ray(base)
-    status = "FAILED"
-    try:
+    with tracked_run(parent) as run:
+        run.connected = init_ray(base)
         # a trial is only a driver (the Train workers hold the CPUs/GPUs); on a cluster whose head offers the custom
         # resource TRAIN_DRIVER (cluster/*.yaml) the drivers go there: non-spot, and next to the MLflow server
         driver_resources: dict[str, float] = {"cpu": 0.25}
@@ -380,7 +369,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         )
         done = results.num_terminated + results.num_errors
         if interrupt.seen or done < expected:  # Ctrl-C: Tune saved the sweep and returned early (it does not raise)
-            status = "KILLED"
+            run.status = "KILLED"
             if parent is not None:
                 tracking.mark_unfinished_children(parent)
             print(
@@ -392,16 +381,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         summary = summarise(results, space, base, metric, mode, name, args, parent)
         if parent is not None:
             tracking.mark_unfinished_children(parent)
-        status = "FINISHED"
         return summary
-    except (KeyboardInterrupt, SystemExit):
-        status = "KILLED"
-        raise
-    finally:
-        if parent is not None:
-            tracking.finish(parent, status)
-        if connected:
-            ray.shutdown()
 
 
 def summarise(

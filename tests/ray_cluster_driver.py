@@ -20,7 +20,7 @@ def main(tmp: Path, result_path: Path, dashboard_port: int, agent_port: int) -> 
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipelines.train import run_ray
+    from pipelines.trainer import train_on_ray
     from rgnet.config import load_config
 
     cluster = Cluster(
@@ -44,7 +44,7 @@ def main(tmp: Path, result_path: Path, dashboard_port: int, agent_port: int) -> 
                 "ray.placement_strategy=SPREAD",  # 2 workers x 0.5 CPU would otherwise pack onto one node
             ],
         )
-        out = run_ray(cfg, test=False)
+        out = train_on_ray(cfg, test=False)
         result_path.write_text(json.dumps({"nodes": nodes, "run_id": out["run_id"], "best_epoch": out["best_epoch"]}))
     finally:
         ray.shutdown()

@@ -4,7 +4,7 @@ deselects them, and ``python -m pytest -m gpu`` runs them on a machine with CUDA
 CUDA they fail and say so, rather than skip: selecting them means you wanted them run.
 
 The reference machine has no GPU, so these were written by reading the code paths (rgnet.train.loop.train_step and
-autocast_context; pipelines.train.run_ray with ray.use_gpu and pipelines.train_worker; pipelines.predict's actor
+autocast_context; pipelines.trainer.train_on_ray with ray.use_gpu and pipelines.train_worker; pipelines.predict's actor
 resources and pipelines.data.VideoPredictor) and have not run here.  ``test_cpu_step_helper_runs_fp32`` (not marked)
 runs the step helper of the first test on the CPU everywhere, so that helper keeps up with the training code.
 """
@@ -21,10 +21,11 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.train import prepare_data, resolve_paths
+from pipelines.runtime import resolve_paths
 from rgnet.config import Config, load_config
 from rgnet.data.dataset import open_split
 from rgnet.data.samples import TrainBatches
+from rgnet.data.synthetic import ensure_configured_dataset
 from rgnet.model import Criterion, build_model
 from rgnet.train.loop import build_optimizer, build_scheduler, resolve_device, seed_everything, train_step
 
@@ -60,7 +61,7 @@ def tiny(tmp: Path, *extra: str) -> Config:
 def one_step(cfg: Config) -> tuple[dict[str, float], set[torch.dtype], nn.Module, dict[str, torch.Tensor]]:
     """One train_step on the first batch of the tiny training split, on ``cfg.train.device``: the losses, the output
     dtypes of every nn.Linear during the step, the model, and its weights before the step."""
-    prepare_data(cfg)
+    ensure_configured_dataset(cfg.data)
     data = open_split(cfg.data, cfg.data.train_split)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
@@ -163,7 +164,7 @@ def test_batch_predict_on_a_gpu_actor(
     from rgnet.train.loop import evaluate_model
 
     cfg = tiny(tmp_path)
-    prepare_data(cfg)
+    ensure_configured_dataset(cfg.data)
     seed_everything(3)
     model = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim)
     ckpt = save_checkpoint(make_payload(model, cfg, epoch=0, global_step=0), tmp_path / "m.pt")

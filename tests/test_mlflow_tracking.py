@@ -25,12 +25,12 @@ import pytest
 import torch
 from conftest import free_ports
 
-from pipelines import evaluate as evaluate_cli
-from pipelines import mlflow_model, tracking
+from pipelines import mlflow_model, runtime, tracking
 from pipelines import predict as predict_cli
-from pipelines.train import prepare_data, resolve_paths
+from pipelines.runtime import resolve_paths
 from rgnet.config import Config, from_dict, load_config, save_yaml
 from rgnet.data.dataset import open_split
+from rgnet.data.synthetic import ensure_configured_dataset
 from rgnet.model import build_model
 from rgnet.train.checkpoint import load_checkpoint, make_payload, save_checkpoint
 from rgnet.train.loop import seed_everything
@@ -50,7 +50,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """The tiny preset's data and a seeded tiny model saved as a checkpoint (epoch 3) with its config.yaml."""
     tmp = tmp_path_factory.mktemp("mlflow_tiny")
     cfg = tiny_cfg(tmp)
-    prepare_data(cfg)
+    ensure_configured_dataset(cfg.data)
     seed_everything(0)
     model = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim)
     ckpt = save_checkpoint(make_payload(model, cfg, epoch=3, global_step=30), tmp / "best.pt")
@@ -184,7 +184,7 @@ def test_logged_model_predicts_what_rgnet_predict_prints(
     # they are given (no process-wide MLflow URI is set yet)
     weights = load_checkpoint(ckpt)["model"]
     for uri in (registered, f"runs:/{handle.run_id}/model", f"models:/{model_id}"):
-        payload = evaluate_cli.load_model_uri(uri, mlflow_server)
+        payload = runtime.load_model_uri(uri, mlflow_server)
         assert payload["epoch"] == 3 and all(torch.equal(payload["model"][k], v) for k, v in weights.items()), uri
     out2 = tmp_path / "answer2.json"
     argv2 = ["--model-uri", registered, "--tracking-uri", mlflow_server, *argv[2:], "--top", "5", "--json", str(out2)]
@@ -240,9 +240,9 @@ def test_runs_logged_before_the_mlflow_model_still_load(
     client.create_registered_model("old-layout")
     client.create_model_version("old-layout", f"runs:/{handle.run_id}/models/epoch_3", run_id=handle.run_id)
     for model_uri in (f"runs:/{handle.run_id}/model", "models:/old-layout/1"):
-        assert evaluate_cli.load_model_uri(model_uri, uri)["epoch"] == 3
+        assert runtime.load_model_uri(model_uri, uri)["epoch"] == 3
     with pytest.raises(FileNotFoundError, match="holds no rgnet checkpoint"):
-        evaluate_cli.load_model_uri(f"runs:/{handle.run_id}/models", uri)
+        runtime.load_model_uri(f"runs:/{handle.run_id}/models", uri)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from pipelines import predict as predict_cli
-from pipelines.train import prepare_data, resolve_paths
+from pipelines.runtime import resolve_paths
 from rgnet.config import Config, load_config
+from rgnet.data.synthetic import ensure_configured_dataset
 from rgnet.model import build_model
 from rgnet.predict import FeatureSource, ground, read_features
 from rgnet.span_ops import pairwise_iou
@@ -43,7 +44,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Path]:
     """The tiny preset's data and a seeded (untrained) tiny model saved as a checkpoint."""
     tmp = tmp_path_factory.mktemp("predict")
     cfg = tiny_cfg(tmp)
-    prepare_data(cfg)
+    ensure_configured_dataset(cfg.data)
     seed_everything(0)
     model = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim)
     path = save_checkpoint(make_payload(model, cfg, epoch=0, global_step=0), tmp / "tiny.pt")
@@ -226,19 +227,19 @@ def test_three_hour_video_has_bounded_memory(tmp_path: Path) -> None:
 def test_a_model_trained_with_the_text_encoder_takes_raw_text(tmp_path: Path, capsys) -> None:
     """data.text_encoder=minilm: the split's sentences are encoded once (cached), training runs on them, and
     `rgnet predict --query "..."` encodes raw text the same way."""
-    from pipelines.train import run_local
     from rgnet.data.dataset import open_split
     from rgnet.text import cache_path
+    from rgnet.train.run import train_local
 
     cfg = tiny_cfg(tmp_path, "data.text_encoder=minilm", "data.text_dim=384", "train.epochs=1")
-    prepare_data(cfg)
+    ensure_configured_dataset(cfg.data)
     val = open_split(cfg.data, "val")
     cache = cache_path(cfg.data.root, "minilm", "val")
     assert cache.is_file() and val.text(val.records[0].query_key).shape[1] == 384
     stamp = cache.stat().st_mtime_ns
     open_split(cfg.data, "val").close()
     assert cache.stat().st_mtime_ns == stamp  # reused, not re-encoded
-    run_local(cfg, test=False)
+    train_local(cfg, test=False)
     best = Path(cfg.train.output_dir) / cfg.train.run_name / "best.pt"
     rec = val.records[0]
     capsys.readouterr()  # the training log

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from pipelines import predict as predict_cli
-from pipelines.train import prepare_data, resolve_paths
+from pipelines.runtime import resolve_paths
 from rgnet.config import load_config
 from rgnet.data.dataset import open_split
+from rgnet.data.synthetic import ensure_configured_dataset
 from rgnet.eval.plots import CURVE_SIZE_PX, TIMELINE_SIZE_PX
 from rgnet.eval.predictions import read_predictions
 from rgnet.model import build_model
@@ -43,7 +44,7 @@ def test_batch_predict_equals_the_local_evaluator(ray_session: str, tmp_path: Pa
             ],
         )
     )
-    prepare_data(cfg)
+    ensure_configured_dataset(cfg.data)
     seed_everything(3)
     model = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim)
     ckpt = save_checkpoint(make_payload(model, cfg, epoch=0, global_step=0), tmp_path / "m.pt")

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from pipelines import train as train_cli
 from rgnet.config import load_config
 from rgnet.search_space import load_space
+from rgnet.train.run import train_local
 
 SMOKE_EPOCHS = int(load_space(Path(__file__).resolve().parents[1] / "tune_spaces" / "smoke.yaml").fixed["train.epochs"])
 
@@ -162,5 +162,5 @@ def test_smoke_sweep_interrupted_restored(tmp_path: Path) -> None:
         config_file=tmp_path / "best.yaml", overrides=["train.epochs=1", f"train.output_dir={tmp_path / 'again'}"]
     )
     assert cfg.optim.lr == pytest.approx(summary["best"]["point"]["optim.lr"])
-    reports = train_cli.run_local(cfg, test=False)
+    reports = train_local(cfg, test=False)
     assert "val" in reports

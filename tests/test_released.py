@@ -40,6 +40,7 @@ from rgnet.released import (
 from rgnet.search_space import load_space, trial_overrides
 from rgnet.train import checkpoint as ckpt
 from rgnet.train.loop import evaluate_model, seed_everything
+from rgnet.train.run import train_local
 
 DV, DT, MAX_Q = 12, 10, 6  # raw feature widths and the released max_q_l of the small test model
 
@@ -512,7 +513,7 @@ def test_run_local_starts_from_init_from_with_a_fresh_optimizer_and_resume_wins(
         payload = ckpt.make_payload(model, base, epoch=7, global_step=70, optimizer=opt)
         ckpt.save_checkpoint(payload, tmp_path / f"init{seed}.pt")
     cfg = from_dict({"train": {"init_from": str(tmp_path / "init11.pt")}}, base)
-    train_cli.run_local(cfg, test=False)
+    train_local(cfg, test=False)
     last = ckpt.load_checkpoint(tmp_path / "runs" / cfg.train.run_name / "last.pt")
     assert last["epoch"] == 1 and last["global_step"] == 2  # counted from zero, not from the source's 7 / 70
     steps = {int(s["step"]) for s in last["optimizer"]["state"].values()}
@@ -521,7 +522,7 @@ def test_run_local_starts_from_init_from_with_a_fresh_optimizer_and_resume_wins(
         assert torch.equal(last["model"][k], v), k
     # the run resumes from its own last.pt: another init_from is ignored (resume wins)
     again = from_dict({"train": {"init_from": str(tmp_path / "init12.pt"), "epochs": 2}}, base)
-    train_cli.run_local(again, test=False)
+    train_local(again, test=False)
     last = ckpt.load_checkpoint(tmp_path / "runs" / cfg.train.run_name / "last.pt")
     assert last["epoch"] == 2
     for k, v in sources[0].items():

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from pipelines import evaluate as evaluate_cli
-from pipelines.train import run_local
 from rgnet.config import load_config
 from rgnet.data.dataset import open_split
 from rgnet.data.samples import iter_videos
@@ -17,6 +16,7 @@ from rgnet.eval.inference import infer_video
 from rgnet.model import build_model
 from rgnet.train import checkpoint as ckpt
 from rgnet.train.loop import evaluate_model, seed_everything
+from rgnet.train.run import train_local
 
 
 def tiny(tmp_path, *overrides: str):
@@ -35,7 +35,7 @@ def tiny(tmp_path, *overrides: str):
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     cfg = tiny(tmp)
-    reports = run_local(cfg, test=False)
+    reports = train_local(cfg, test=False)
     return cfg, reports
 
 
@@ -108,12 +108,12 @@ def test_decoder_sees_only_top_k(trained) -> None:
 
 def test_resume_continues_at_the_right_step(tmp_path) -> None:
     cfg = tiny(tmp_path, "train.epochs=2")
-    run_local(cfg, test=False)
+    train_local(cfg, test=False)
     last = ckpt.load_checkpoint(tmp_path / "runs" / cfg.train.run_name / "last.pt")
     assert last["epoch"] == 2
     steps_per_epoch = last["global_step"] // 2
     cfg3 = tiny(tmp_path, "train.epochs=3")
-    run_local(cfg3, test=False)
+    train_local(cfg3, test=False)
     history = json.loads(Path(tmp_path / "runs" / cfg.train.run_name / "history.json").read_text())
     assert [h["epoch"] for h in history] == [3]  # only the new epoch ran
     resumed = ckpt.load_checkpoint(tmp_path / "runs" / cfg.train.run_name / "last.pt")

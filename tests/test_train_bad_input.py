@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines import runtime, trainer
 from pipelines import train as train_cli
 from rgnet.config import load_config
 from rgnet.data.dataset import open_split
@@ -25,7 +26,7 @@ def no_ray(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         calls.append("init_ray")
         raise AssertionError("Ray was started for bad input")
 
-    monkeypatch.setattr(train_cli, "init_ray", init_ray)
+    monkeypatch.setattr(trainer, "init_ray", init_ray)
     return calls
 
 
@@ -134,8 +135,8 @@ def test_resuming_another_experiment_is_refused(
 
     args = argv(tmp_path)
     ensure_dataset(load_config("tiny", overrides=args[4:]).data)
-    earlier = train_cli.resolve_paths(load_config("tiny", overrides=[*args[4:], "model.hidden_dim=64"]))
-    train_cli.check_same_run(earlier)  # what the first start of that run records
+    earlier = runtime.resolve_paths(load_config("tiny", overrides=[*args[4:], "model.hidden_dim=64"]))
+    trainer.check_same_run(earlier)  # what the first start of that run records
     assert train_cli.main(args) == 2
     err = capsys.readouterr().err
     assert "was started with other settings (model.hidden_dim: 64 -> 32)" in err and "--fresh" in err, err

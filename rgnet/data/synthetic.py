@@ -577,6 +577,12 @@ def ensure_dataset(data_cfg: DataConfig, *, progress: bool = False) -> Path:
         raise
 
 
+
+def ensure_configured_dataset(data_cfg: DataConfig) -> None:
+    """:func:`ensure_dataset` when the config asks for it (``data.generate_if_missing``; real-data presets do not)."""
+    if data_cfg.generate_if_missing:
+        ensure_dataset(data_cfg)
+
 # ---------------------------------------------------------------------------------------------------------------
 # Diagnostic: how far does the frozen dot product get?
 # ---------------------------------------------------------------------------------------------------------------

@@ -143,3 +143,15 @@ def init_weights_from(model: nn.Module, cfg: Config) -> bool:
         )
     log.info("initialised the model from %s (weights only; fresh optimizer and schedule)", where)
     return True
+
+
+def model_with_overrides(payload: dict[str, Any], overrides: list[str]) -> tuple[RGNet, Config]:
+    """The checkpoint's model and its config with inference overrides (``eval.*``, ``data.root``, ...) applied;
+    overriding what the weights fix (``model.*``, the feature widths) is an error."""
+    from rgnet.config import apply_overrides
+
+    model, cfg = model_from_payload(payload)
+    new = apply_overrides(cfg, overrides)
+    if new.model != cfg.model or new.data.video_dim != cfg.data.video_dim or new.data.text_dim != cfg.data.text_dim:
+        raise ConfigError("model.* and data.{video,text}_dim are fixed by the trained checkpoint")
+    return model, new
