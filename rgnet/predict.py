@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -250,54 +251,115 @@ def ground(
     """The top ``top_n`` moments of ``query`` (token features ``tokens``) in the video ``frames`` (T, Dv) at ``fps``.
 
     Moments are in seconds inside [0, T / fps], NMS-ed at ``eval.nms_iou`` and sorted by score
-    (``p_fg * sigmoid(s_ctx)``, DESIGN section 5).
+    (``p_fg * sigmoid(s_ctx)``, DESIGN section 5).  One query of :func:`ground_many`.
+    """
+    return ground_many(
+        model,
+        cfg,
+        frames,
+        fps,
+        [tokens],
+        video=video,
+        queries=[query],
+        sentences=None if sentence is None else [sentence],
+        top_n=top_n,
+        device=device,
+        keep_sampling_scores=keep_sampling_scores,
+    )[0]
+
+
+@torch.no_grad()
+def ground_many(
+    model: RGNet,
+    cfg: Config,
+    frames: np.ndarray,
+    fps: float,
+    tokens: Sequence[np.ndarray],
+    *,
+    video: str = "video",
+    queries: Sequence[str] | None = None,
+    sentences: Sequence[np.ndarray] | None = None,
+    top_n: int = 10,
+    device: torch.device | None = None,
+    keep_sampling_scores: bool = False,
+) -> list[Grounding]:
+    """:func:`ground` for many queries about one video: the answers, in the order of ``tokens`` (one (L_i, Dt) token
+    feature array per query; ``queries`` their texts, for the answers only; ``sentences`` (Dv,) each, for
+    frozen-feature ranking models).
+
+    The video is read and projected once and the encoder batches (query, window) pairs of several queries in each
+    pass, keeping a running top-k per query (:func:`rgnet.eval.inference.infer_video`); memory is bounded by
+    ``eval.window_chunk`` whatever the number of queries.  Each answer equals what :func:`ground` gives for that
+    query alone, up to floating-point summation order.
     """
     if top_n < 1:
         raise ValueError(f"top_n must be >= 1, got {top_n}")
-    if len(tokens) == 0:
-        raise ValueError("the query has no tokens")
+    if not tokens:
+        raise ValueError("no queries")
+    for i, t in enumerate(tokens):
+        if len(t) == 0:
+            raise ValueError(f"query {i + 1} has no tokens")
+    names = list(queries) if queries is not None else [""] * len(tokens)
+    if len(names) != len(tokens) or (sentences is not None and len(sentences) != len(tokens)):
+        raise ValueError("tokens, queries and sentences must have one entry per query")
     device = device or torch.device("cpu")
     duration = frames.shape[0] / fps
     spec = WindowSpec.from_config(cfg, fps)
-    record = QueryRecord(
-        query_id="query",
-        video_id=video,
-        query=query or "(features)",
-        start_sec=0.0,
-        end_sec=0.0,
-        duration_sec=duration,
-        video_key=video,
-        query_key="query",
-    )
+    records = [
+        QueryRecord(
+            query_id=f"query{i}",
+            video_id=video,
+            query=name or "(features)",
+            start_sec=0.0,
+            end_sec=0.0,
+            duration_sec=duration,
+            video_key=video,
+            query_key=f"query{i}",
+        )
+        for i, name in enumerate(names)
+    ]
     item = VideoItem(
         video_key=video,
         duration_sec=duration,
         frames=torch.from_numpy(frames),
         bounds=window_bounds(frames.shape[0], spec.length, spec.stride),
         spec=spec,
-        records=[record],
-        texts=[prepare_tokens(tokens, cfg.data.max_query_tokens, cfg.data.normalize_text)],
-        sentences=[sentence] if sentence is not None else None,
+        records=records,
+        texts=[prepare_tokens(t, cfg.data.max_query_tokens, cfg.data.normalize_text) for t in tokens],
+        sentences=list(sentences) if sentences is not None else None,
     )
     eval_cfg = replace(cfg.eval, max_predictions=top_n)
     rows, scores = infer_video(model, item, eval_cfg, device, keep_sampling_scores=keep_sampling_scores)
     bounds_sec = item.bounds / fps
-    order = torch.sort(scores.context_logit[0], descending=True, stable=True).indices.numpy()
-    prob = torch.sigmoid(scores.context_logit[0].double()).numpy()
-    windows = [[float(bounds_sec[i, 0]), float(bounds_sec[i, 1]), float(prob[i])] for i in order]
-    return Grounding(video, query, duration, fps, rows[0].predictions, windows, item.bounds, scores)
+    answers = []
+    for i, (name, row) in enumerate(zip(names, rows)):
+        logit = scores.context_logit[i]
+        order = torch.sort(logit, descending=True, stable=True).indices.numpy()
+        prob = torch.sigmoid(logit.double()).numpy()
+        windows = [[float(bounds_sec[j, 0]), float(bounds_sec[j, 1]), float(prob[j])] for j in order]
+        own = VideoScores(
+            scores.context_logit[i : i + 1], None if scores.sampling_score is None else scores.sampling_score[i : i + 1]
+        )
+        answers.append(Grounding(video, name, duration, fps, row.predictions, windows, item.bounds, own))
+    return answers
 
 
 def text_tokens(cfg: Config, query: str) -> np.ndarray:
     """Token features of raw text with the model's text encoder (``data.text_encoder``)."""
+    return text_tokens_many(cfg, [query])[0]
+
+
+def text_tokens_many(cfg: Config, queries: Sequence[str]) -> list[np.ndarray]:
+    """Token features (L_i, Dt) of each sentence with the model's text encoder (``data.text_encoder``), in batches."""
     from rgnet.text import get_text_encoder
 
-    if not query.strip():
-        raise ValueError("the query is empty: give a sentence with --query")
+    for q in queries:
+        if not q.strip():
+            raise ValueError("the query is empty: give a sentence with --query")
     if not cfg.data.text_encoder:
         raise ValueError(
             f"this model reads precomputed {cfg.data.text_dim}-d query token features (it was trained without "
             "data.text_encoder): pass --query-features FILE[:KEY] from the same text extractor (MAD: CLIP token "
             "features), or train with data.text_encoder=minilm data.text_dim=384 to query with raw text"
         )
-    return get_text_encoder(cfg.data.text_encoder).encode([query])[0]
+    return get_text_encoder(cfg.data.text_encoder).encode(list(queries))

@@ -23,6 +23,7 @@ from rgnet.data.dataset import SplitData
 from rgnet.data.samples import VideoItem, gather_windows, iter_videos, pad_texts
 from rgnet.data.windows import positive_windows
 from rgnet.eval.predictions import PredictionRow
+from rgnet.model.fused import inference_model
 from rgnet.model.rgnet import EncoderOutput, RGNet
 from rgnet.span_ops import cw_to_se, temporal_nms
 
@@ -48,6 +49,33 @@ def _concat_select(a: Tensor | None, b: Tensor, index: Tensor) -> Tensor:
     return torch.gather(both, 1, idx)
 
 
+def project_video(model: RGNet, frames: Tensor, block_rows: int, device: torch.device) -> Tensor:
+    """``video_proj`` of every frame of a video, once: (T, Dv) -> (T + 1, D), the last row being the projection of a
+    zero (padding) frame, which is what a padded window position holds after projection.
+
+    The projection is per frame, so projecting the video once and gathering windows from it equals projecting each
+    gathered window (windows overlap by half at the released stride, and every query group reuses it); rows go
+    through in blocks of ``block_rows`` so that the transient memory stays that of one encoder pass.
+    """
+    t, dv = frames.shape
+    pad = model.video_proj(torch.zeros(1, 1, dv, device=device))[0]  # (1, D)
+    out = torch.empty(t + 1, pad.shape[-1], device=device, dtype=pad.dtype)
+    for a in range(0, t, block_rows):
+        b = min(a + block_rows, t)
+        out[a:b] = model.video_proj(frames[a:b].to(device)[None])[0]
+    out[t:] = pad
+    return out
+
+
+def query_groups(num_queries: int, k: int, window_chunk: int) -> list[range]:
+    """Queries in balanced groups of at most max(1, window_chunk // k): a group's kept top-k encodings (its size x k
+    pairs) then never exceed one encoder pass of ``window_chunk`` pairs, whatever the number of queries."""
+    most = max(1, window_chunk // max(1, k))
+    n = -(-num_queries // most)  # ceil
+    size = -(-num_queries // n)
+    return [range(a, min(a + size, num_queries)) for a in range(0, num_queries, size)]
+
+
 @torch.no_grad()
 def infer_video(
     model: RGNet,
@@ -57,54 +85,95 @@ def infer_video(
     *,
     keep_sampling_scores: bool = False,
 ) -> tuple[list[PredictionRow], VideoScores]:
-    """Predictions for every query of one video (model in eval mode)."""
-    model.eval()
-    q = len(item.records)
-    text, text_mask = pad_texts(item.texts)
-    text, text_mask = text.to(device), text_mask.to(device)
-    sentence = torch.from_numpy(np.stack(item.sentences)).to(device) if item.sentences is not None else None
-    frames = item.frames
-    num_windows = len(item.bounds)
-    k = min(cfg.top_k_windows, num_windows)
-    chunk = max(1, cfg.window_chunk // q)  # windows per encoder pass: at most ~window_chunk pairs at a time
+    """Predictions for every query of one video (model in eval mode).
 
-    all_logits = torch.empty(q, num_windows, device=device)
-    sampling = torch.empty(q, num_windows, item.spec.length, device=device) if keep_sampling_scores else None
+    The video is read and projected once (:func:`project_video`); the queries go in groups (:func:`query_groups`),
+    and each encoder pass batches the (query, window) pairs of a group, about ``cfg.window_chunk`` of them: memory
+    is bounded by ``window_chunk`` whatever the number of queries and the video's length.  With
+    ``cfg.kernels == "fused"`` a CPU model runs as its fused inference copy (:mod:`rgnet.model.fused`).
+    """
+    model.eval()
+    run = inference_model(model, cfg, device)
+    q, num_windows, length = len(item.records), len(item.bounds), item.spec.length
+    k = min(cfg.top_k_windows, num_windows)
+    projected = project_video(run, item.frames, max(length, cfg.window_chunk * length), device)  # (T + 1, D)
+    all_logits = torch.empty(q, num_windows)
+    sampling = torch.empty(q, num_windows, length) if keep_sampling_scores else None
+    rows: list[PredictionRow] = []
+    for group in query_groups(q, k, cfg.window_chunk):
+        want = sampling is not None
+        kept, logits, samp = _encode_group(run, item, group, projected, k, cfg.window_chunk, device, want)
+        all_logits[group.start : group.stop] = logits
+        if sampling is not None and samp is not None:
+            sampling[group.start : group.stop] = samp
+        rows += _decode_kept(run, item, group, kept, cfg, device)
+    return rows, VideoScores(all_logits, sampling)
+
+
+def _encode_group(
+    model: RGNet,
+    item: VideoItem,
+    group: range,
+    projected: Tensor,
+    k: int,
+    window_chunk: int,
+    device: torch.device,
+    keep_sampling_scores: bool,
+) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
+    """Encode every window for the queries ``group`` (g of them), about ``window_chunk`` pairs per pass, keeping a
+    running top-k per query.  Returns the kept encodings (q-major, (g, k, ...)), the context logits (g, P) and,
+    when asked, the sampling scores (g, P, W), both on the CPU."""
+    g, num_windows, length = len(group), len(item.bounds), item.spec.length
+    text, text_mask = pad_texts([item.texts[i] for i in group])
+    text, text_mask = text.to(device), text_mask.to(device)
+    sentence = None
+    if item.sentences is not None:
+        sentence = torch.from_numpy(np.stack([item.sentences[i] for i in group])).to(device)
+    chunk = max(1, window_chunk // g)  # windows per encoder pass: g * chunk ~ window_chunk pairs
+    t = item.frames.shape[0]
+    bounds = torch.from_numpy(item.bounds)
+    logits = torch.empty(g, num_windows)
+    sampling = torch.empty(g, num_windows, length) if keep_sampling_scores else None
     kept: dict[str, Tensor] = {}
     for c0 in range(0, num_windows, chunk):
         which = torch.arange(c0, min(c0 + chunk, num_windows))
         c = len(which)
-        windows, wmask = gather_windows(frames, item.bounds, item.spec.length, which)
-        # pairs in query-major order: pair n = i * c + j  (query i, window j of the chunk)
-        window_index = torch.arange(c, device=device).repeat(q)
-        text_index = torch.arange(q, device=device).repeat_interleave(c)
-        enc = model.encode(windows.to(device), wmask.to(device), text, text_mask, window_index, text_index, sentence)
-        logit = enc.context_logit.view(q, c)
-        all_logits[:, c0 : c0 + c] = logit
+        idx = bounds[which, :1] + torch.arange(length)[None, :]  # (c, W) frame index
+        wmask = idx < bounds[which, 1:2]
+        windows = projected[torch.where(wmask, idx, t).to(projected.device)]  # (c, W, D), padding = projected zero
+        # the raw windows are read only by frozen-feature ranking (model.retrieval=none)
+        raw = windows
+        if model.context_head is None:
+            raw = gather_windows(item.frames, item.bounds, length, which)[0].to(device)
+        # pairs in query-major order: pair n = i * c + j  (query i of the group, window j of the chunk)
+        window_index = torch.arange(c, device=device).repeat(g)
+        text_index = torch.arange(g, device=device).repeat_interleave(c)
+        wmask = wmask.to(device)
+        enc = model.encode(raw, wmask, text, text_mask, window_index, text_index, sentence, projected=windows)
+        logit = enc.context_logit.view(g, c)
+        logits[:, c0 : c0 + c] = logit.float().cpu()
         if sampling is not None:
-            sampling[:, c0 : c0 + c] = enc.sampling_score.view(q, c, -1)
+            sampling[:, c0 : c0 + c] = enc.sampling_score.view(g, c, -1).float().cpu()
         # running top-k per query over (kept so far) + (this chunk)
         new = {
             "logit": logit,
-            "window": which.to(device).expand(q, c),
-            "memory": enc.memory.view(q, c, *enc.memory.shape[1:]),
-            "memory_mask": enc.memory_mask.view(q, c, -1),
-            "pos": enc.pos.view(q, c, *enc.pos.shape[1:]),
+            "window": which.to(device).expand(g, c),
+            "memory": enc.memory.view(g, c, *enc.memory.shape[1:]),
+            "memory_mask": enc.memory_mask.view(g, c, -1),
+            "pos": enc.pos.view(g, c, *enc.pos.shape[1:]),
         }
         cand = new["logit"] if not kept else torch.cat([kept["logit"], new["logit"]], dim=1)
-        top = cand.topk(min(k, cand.shape[1]), dim=1).indices  # (q, k')
-        kept = {name: _concat_select(kept.get(name), t, top) for name, t in new.items()}
-
-    rows = _decode_kept(model, item, kept, cfg, device)
-    return rows, VideoScores(all_logits.cpu(), None if sampling is None else sampling.cpu())
+        top = cand.topk(min(k, cand.shape[1]), dim=1).indices  # (g, k')
+        kept = {name: _concat_select(kept.get(name), tensor, top) for name, tensor in new.items()}
+    return kept, logits, sampling
 
 
 def _decode_kept(
-    model: RGNet, item: VideoItem, kept: dict[str, Tensor], cfg: EvalConfig, device: torch.device
+    model: RGNet, item: VideoItem, group: range, kept: dict[str, Tensor], cfg: EvalConfig, device: torch.device
 ) -> list[PredictionRow]:
-    q = kept["logit"].shape[0]
+    g = kept["logit"].shape[0]
     enc = EncoderOutput(
-        memory=kept["memory"].flatten(0, 1),  # (q*k, W, D)
+        memory=kept["memory"].flatten(0, 1),  # (g*k, W, D)
         memory_mask=kept["memory_mask"].flatten(0, 1),
         pos=kept["pos"].flatten(0, 1),
         context_logit=kept["logit"].flatten(),
@@ -113,17 +182,17 @@ def _decode_kept(
         sampling_score=torch.empty(0),
     )
     dec = model.decode(enc)
-    p_fg = dec.logits[-1].float().softmax(-1)[..., 0]  # (q*k, Q)
+    p_fg = dec.logits[-1].float().softmax(-1)[..., 0]  # (g*k, Q)
     score = p_fg * torch.sigmoid(enc.context_logit.float())[:, None]
     start, length = _frame_starts(item, kept["window"].flatten())
-    span_se = cw_to_se(dec.spans_cw[-1].float().cpu())  # (q*k, Q, 2) window-relative
+    span_se = cw_to_se(dec.spans_cw[-1].float().cpu())  # (g*k, Q, 2) window-relative
     sec = (start[:, None, None] + span_se * length[:, None, None]) / item.spec.fps
     sec = sec.clamp(0.0, item.duration_sec)
-    sec = sec.view(q, -1, 2)  # (q, k*Q, 2)
-    score = score.cpu().view(q, -1)
+    sec = sec.view(g, -1, 2)  # (g, k*Q, 2)
+    score = score.cpu().view(g, -1)
     if cfg.fusion == "matching":
-        score = _fuse_matching(item, sec, score)
-    return [_finish_row(item, i, sec[i], score[i], cfg) for i in range(q)]
+        score = _fuse_matching(item, group, sec, score)
+    return [_finish_row(item, i, sec[n], score[n], cfg) for n, i in enumerate(group)]
 
 
 def _finish_row(item: VideoItem, i: int, sec: Tensor, score: Tensor, cfg: EvalConfig) -> PredictionRow:
@@ -138,7 +207,7 @@ def _minmax(x: Tensor) -> Tensor:
     return torch.where(hi > lo, (x - lo) / (hi - lo).clamp(min=1e-12), x)
 
 
-def _fuse_matching(item: VideoItem, sec: Tensor, score: Tensor) -> Tensor:
+def _fuse_matching(item: VideoItem, group: range, sec: Tensor, score: Tensor) -> Tensor:
     """The released code's score fusion: min-max(proposal score) + min-max(frozen matching score).
 
     Matching score of a span = sum of the 3 highest cosine similarities between the query's sentence feature and
@@ -147,7 +216,7 @@ def _fuse_matching(item: VideoItem, sec: Tensor, score: Tensor) -> Tensor:
     if item.sentences is None:
         raise ValueError("eval.fusion=matching needs sentence features (data.sentence_features); this dataset has none")
     frames = F.normalize(item.frames, dim=-1)  # (T, Dv)
-    sent = F.normalize(torch.from_numpy(np.stack(item.sentences)), dim=-1)  # (q, Dv)
+    sent = F.normalize(torch.from_numpy(np.stack([item.sentences[i] for i in group])), dim=-1)  # (g, Dv)
     sim = sent @ frames.T  # (q, T)
     fps, t = item.spec.fps, frames.shape[0]
     s_f = (sec[..., 0] * fps).floor().long().clamp(0, t - 1)  # (q, n)
