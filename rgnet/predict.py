@@ -12,6 +12,7 @@ top-k windows' encodings are kept for the decoder (:func:`rgnet.eval.inference.i
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -363,3 +364,89 @@ def text_tokens_many(cfg: Config, queries: Sequence[str]) -> list[np.ndarray]:
             "features), or train with data.text_encoder=minilm data.text_dim=384 to query with raw text"
         )
     return get_text_encoder(cfg.data.text_encoder).encode(list(queries))
+
+
+@dataclass
+class QueryLine:
+    """One query of a ``--queries`` file (JSON Lines), read and checked."""
+
+    id: str | int  # the line's "id" (default: its line number)
+    query: str  # the sentence (the "query_features" spec when only features were given)
+    tokens: np.ndarray  # (L, Dt) token features, from "query_features" or encoded from "query"
+    sentence: np.ndarray | None  # (Dv,) from "sentence_features" (frozen-feature ranking models)
+
+
+QUERY_LINE_FORMAT = '{"id": ..., "query": "a sentence"} or {"id": ..., "query_features": "FEATURES.h5:KEY"}'
+
+
+def read_queries(path: str | Path, cfg: Config, *, sentence_needed: bool = False) -> list[QueryLine]:
+    """The queries of a JSON Lines file, one object per line: ``{"id": ..., "query": "a sentence"}`` (models with a
+    text encoder) or ``{"id": ..., "query_features": "FEATURES.h5:KEY"}`` (both: the sentence labels the features),
+    plus ``"sentence_features"`` for frozen-feature ranking models.  Relative feature paths are relative to the
+    file's folder.  Blank lines are skipped; a missing id is the line number.  Any bad line is a :class:`DataError`
+    naming the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "queries file not found", fix=f"one JSON object per line: {QUERY_LINE_FORMAT}")
+    lines: list[tuple[int, dict[str, Any]]] = []
+    seen: dict[str | int, int] = {}
+    with path.open(encoding="utf-8") as fh:
+        for n, text in enumerate(fh, 1):
+            if not text.strip():
+                continue
+            where = f"{path}, line {n}"
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(where, f"not JSON ({e.msg} at column {e.colno})", fix=QUERY_LINE_FORMAT) from e
+            if not isinstance(obj, dict):
+                raise DataError(where, f"a JSON {type(obj).__name__}, not an object", fix=QUERY_LINE_FORMAT)
+            qid = obj.get("id", n)
+            if isinstance(qid, bool) or not isinstance(qid, str | int):
+                raise DataError(where, f"the id {qid!r} is not a string or an integer", field="id")
+            if qid in seen:
+                raise DataError(where, f"the id {qid!r} is already used on line {seen[qid]}", field="id")
+            seen[qid] = n
+            if obj.get("query") is None and obj.get("query_features") is None:
+                raise DataError(where, "has neither 'query' nor 'query_features'", fix=QUERY_LINE_FORMAT)
+            for name in ("query", "query_features", "sentence_features"):
+                if obj.get(name) is not None and not isinstance(obj[name], str):
+                    raise DataError(where, f"{name} must be a string, got {obj[name]!r}", field=name)
+            if obj.get("query_features") is None and not str(obj["query"]).strip():
+                raise DataError(where, "the query is empty", field="query")
+            if sentence_needed and obj.get("sentence_features") is None:
+                raise DataError(
+                    where,
+                    "this model ranks windows by frozen-feature similarity and needs each query's sentence feature",
+                    field="sentence_features",
+                    fix='add "sentence_features": "FEATURES.h5:KEY"',
+                )
+            lines.append((n, {**obj, "id": qid}))
+    if not lines:
+        raise DataError(path, "holds no queries", fix=f"one JSON object per line: {QUERY_LINE_FORMAT}")
+
+    def features(n: int, spec: str, field: str, kind: str, dim: int) -> np.ndarray:
+        src = FeatureSource.parse(spec if Path(spec).is_absolute() else str(path.parent / spec))
+        try:
+            return read_features(src, kind=kind, dim=dim)[0]
+        except DataError as e:
+            raise DataError(f"{path}, line {n}", str(e), field=field) from e
+
+    to_encode = [(n, obj) for n, obj in lines if obj.get("query_features") is None]
+    encoded: dict[int, np.ndarray] = {}
+    if to_encode:
+        try:
+            encoded = dict(zip((n for n, _ in to_encode), text_tokens_many(cfg, [o["query"] for _, o in to_encode])))
+        except ValueError as e:
+            raise DataError(f"{path}, line {to_encode[0][0]}", str(e), field="query") from e
+    out = []
+    for n, obj in lines:
+        if obj.get("query_features") is not None:
+            tokens = features(n, obj["query_features"], "query_features", "text", cfg.data.text_dim)
+        else:
+            tokens = encoded[n]
+        sentence = None
+        if obj.get("sentence_features") is not None:
+            sentence = features(n, obj["sentence_features"], "sentence_features", "sentence", cfg.data.video_dim)[0]
+        out.append(QueryLine(obj["id"], str(obj.get("query") or obj["query_features"]), tokens, sentence))
+    return out
