@@ -8,6 +8,7 @@ import torch
 from pipelines import bench
 
 
+@pytest.mark.slow
 def test_inference_rows_count_flops_per_query_and_the_floor() -> None:
     args = bench.build_parser().parse_args([*_tiny(), "--queries", "4", "1", "--repeats", "2"])
     torch.set_num_threads(1)
