@@ -82,3 +82,16 @@ def test_fused_copy_replaces_every_linear_and_fuses_the_relus() -> None:
     # the state dict of the eager model is untouched; the copy holds no trainable parameter
     assert all(p.requires_grad for p in model.parameters())
     assert not any(p.requires_grad for p in fused.parameters())
+
+
+def test_fused_ffn_in_row_blocks_equals_the_eager_ffn(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rgnet.model import fused as fused_module
+    from rgnet.model.encoder import FeedForward
+
+    seed_everything(0)
+    ffn = FeedForward(16, 64, 0.1).eval()
+    x = torch.randn(3, 37, 16)
+    monkeypatch.setattr(fused_module, "FFN_BLOCK_ROWS", 10)  # 111 rows: 12 blocks, the last one short
+    assert fused_module.ffn_block_rows() < 111
+    with torch.no_grad():
+        np.testing.assert_allclose(FusedFeedForward(ffn)(x), ffn(x), rtol=1e-5, atol=1e-5)

@@ -6,7 +6,8 @@ of the encoder (issue 16) put ``addmm`` at 54% of the time, the bias copies at 9
 matmul (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor emits for a frozen linear) adds the bias and
 applies the ReLU in the GEMM's epilogue, while the output tile is still in registers, and on AVX-512 machines its
 JIT-generated GEMM is also faster than the sgemm MKL picks on non-Intel CPUs (measured on the project's AMD EPYC:
-see the README, "Performance").  The weights are reordered once, into oneDNN's blocked layout.
+see the README, "Performance").  The weights are reordered once, into oneDNN's blocked layout, and the FFN runs over
+row blocks whose hidden activation fits in cache (:data:`FFN_BLOCK_ROWS`).
 
 The copy computes the same function as the eager model (same weights; only the floating-point summation order of
 the GEMMs differs: ``tests/test_fused.py`` checks context scores and spans within 1e-4).  It is for inference only:
@@ -52,8 +53,20 @@ class FusedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, act={self.act}"
 
 
+# Rows of the FFN per block, per 2 threads.  The (rows, ffn_dim) hidden activation of a block (2048 x 2048 floats =
+# 16 MiB at the full size) stays in the last-level cache between the two GEMMs instead of making a round trip through
+# memory; measured on the project's 2-core AMD EPYC (32 MiB L3), 1 thread, a 256 -> 2048 -> 256 FFN over 28,800 rows:
+# 186 GFLOP per CPU-second in blocks of 2048 rows, 175 at 1024, 128 at 4096 and 8192, 126 unblocked.
+FFN_BLOCK_ROWS = 2048
+
+
+def ffn_block_rows() -> int:
+    return FFN_BLOCK_ROWS * max(1, torch.get_num_threads() // 2)
+
+
 class FusedFeedForward(nn.Module):
-    """:class:`rgnet.model.encoder.FeedForward` at inference: Linear+ReLU fused, then Linear (bias fused)."""
+    """:class:`rgnet.model.encoder.FeedForward` at inference: Linear+ReLU fused, then Linear (bias fused), over
+    blocks of :func:`ffn_block_rows` rows so that the wide hidden activation stays in cache."""
 
     def __init__(self, ffn: FeedForward) -> None:
         super().__init__()
@@ -61,7 +74,14 @@ class FusedFeedForward(nn.Module):
         self.linear2 = FusedLinear(ffn.linear2)
 
     def forward(self, x: Tensor, rng: Any = None) -> Tensor:
-        return self.linear2(self.linear1(x))
+        flat = x.reshape(-1, x.shape[-1])  # (rows, D)
+        rows, block = flat.shape[0], ffn_block_rows()
+        if rows <= block:
+            return self.linear2(self.linear1(flat)).view(*x.shape[:-1], -1)
+        out = flat.new_empty(rows, self.linear2.out_features)
+        for a in range(0, rows, block):
+            out[a : a + block] = self.linear2(self.linear1(flat[a : a + block]))
+        return out.view(*x.shape[:-1], -1)
 
 
 def _fuse_children(module: nn.Module) -> None:
