@@ -89,12 +89,17 @@ def test_inference_equals_the_plain_two_stage_reference(tmp_path: Path, kernels:
             np.testing.assert_allclose(answers[i].scores.context_logit[0], enc.context_logit, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize(("q", "k", "chunk"), [(1, 5, 256), (64, 30, 256), (9, 30, 256), (300, 1, 256), (5, 300, 8)])
-def test_query_groups_bound_the_kept_pairs(q: int, k: int, chunk: int) -> None:
-    groups = query_groups(q, k, chunk)
+@pytest.mark.parametrize(
+    ("q", "k", "chunk", "per_pass"),
+    [(1, 5, 256, 32), (64, 30, 256, 32), (64, 30, 256, 10), (9, 30, 256, 32), (300, 1, 256, 256), (5, 300, 8, 8)],
+)
+def test_query_groups_bound_the_kept_pairs(q: int, k: int, chunk: int, per_pass: int) -> None:
+    groups = query_groups(q, k, chunk, per_pass)
     assert [i for g in groups for i in g] == list(range(q))  # every query once, in order
-    assert all(len(g) * k <= max(chunk, k) for g in groups)  # kept top-k encodings <= one encoder pass
+    assert all(len(g) * k <= max(chunk, k) for g in groups)  # kept top-k encodings <= window_chunk pairs
+    assert all(len(g) <= per_pass for g in groups)  # one window per query fits a pass
     assert max(map(len, groups)) - min(map(len, groups)) <= 1  # balanced
+    assert len(groups) == -(-q // max(1, min(chunk // k, per_pass)))  # no more groups than needed
 
 
 @pytest.fixture(scope="module")

@@ -67,13 +67,22 @@ def project_video(model: RGNet, frames: Tensor, block_rows: int, device: torch.d
     return out
 
 
-def query_groups(num_queries: int, k: int, window_chunk: int) -> list[range]:
+def query_groups(num_queries: int, k: int, window_chunk: int, pass_pairs: int | None = None) -> list[range]:
     """Queries in balanced groups of at most max(1, window_chunk // k): a group's kept top-k encodings (its size x k
-    pairs) then never exceed one encoder pass of ``window_chunk`` pairs, whatever the number of queries."""
-    most = max(1, window_chunk // max(1, k))
+    pairs) then never exceed ``window_chunk`` pairs, whatever the number of queries; and at most ``pass_pairs``
+    (one window of each query of a group fills an encoder pass)."""
+    most = max(1, min(window_chunk // max(1, k), pass_pairs or window_chunk))
     n = -(-num_queries // most)  # ceil
     size = -(-num_queries // n)
     return [range(a, min(a + size, num_queries)) for a in range(0, num_queries, size)]
+
+
+def pass_pairs(cfg: EvalConfig, length: int) -> int:
+    """(query, window) pairs per encoder pass for windows of ``length`` frames: ``eval.pass_frames`` frames, at most
+    ``eval.window_chunk`` pairs (the memory bound), at least one."""
+    if cfg.pass_frames <= 0:
+        return max(1, cfg.window_chunk)
+    return max(1, min(cfg.window_chunk, cfg.pass_frames // length))
 
 
 @torch.no_grad()
@@ -88,8 +97,9 @@ def infer_video(
     """Predictions for every query of one video (model in eval mode).
 
     The video is read and projected once (:func:`project_video`); the queries go in groups (:func:`query_groups`),
-    and each encoder pass batches the (query, window) pairs of a group, about ``cfg.window_chunk`` of them: memory
-    is bounded by ``window_chunk`` whatever the number of queries and the video's length.  With
+    and each encoder pass batches the (query, window) pairs of a group, about :func:`pass_pairs` of them (at most
+    ``cfg.window_chunk``): memory is bounded by ``window_chunk`` whatever the number of queries and the video's
+    length.  With
     ``cfg.kernels == "fused"`` a CPU model runs as its fused inference copy (:mod:`rgnet.model.fused`).
     """
     model.eval()
@@ -100,9 +110,10 @@ def infer_video(
     all_logits = torch.empty(q, num_windows)
     sampling = torch.empty(q, num_windows, length) if keep_sampling_scores else None
     rows: list[PredictionRow] = []
-    for group in query_groups(q, k, cfg.window_chunk):
+    pairs = pass_pairs(cfg, length)
+    for group in query_groups(q, k, cfg.window_chunk, pairs):
         want = sampling is not None
-        kept, logits, samp = _encode_group(run, item, group, projected, k, cfg.window_chunk, device, want)
+        kept, logits, samp = _encode_group(run, item, group, projected, k, pairs, device, want)
         all_logits[group.start : group.stop] = logits
         if sampling is not None and samp is not None:
             sampling[group.start : group.stop] = samp
@@ -116,11 +127,11 @@ def _encode_group(
     group: range,
     projected: Tensor,
     k: int,
-    window_chunk: int,
+    pass_pairs: int,
     device: torch.device,
     keep_sampling_scores: bool,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
-    """Encode every window for the queries ``group`` (g of them), about ``window_chunk`` pairs per pass, keeping a
+    """Encode every window for the queries ``group`` (g of them), about ``pass_pairs`` pairs per pass, keeping a
     running top-k per query.  Returns the kept encodings (q-major, (g, k, ...)), the context logits (g, P) and,
     when asked, the sampling scores (g, P, W), both on the CPU."""
     g, num_windows, length = len(group), len(item.bounds), item.spec.length
@@ -129,7 +140,7 @@ def _encode_group(
     sentence = None
     if item.sentences is not None:
         sentence = torch.from_numpy(np.stack([item.sentences[i] for i in group])).to(device)
-    chunk = max(1, window_chunk // g)  # windows per encoder pass: g * chunk ~ window_chunk pairs
+    chunk = max(1, pass_pairs // g)  # windows per encoder pass: g * chunk ~ pass_pairs pairs
     t = item.frames.shape[0]
     bounds = torch.from_numpy(item.bounds)
     logits = torch.empty(g, num_windows)
