@@ -221,10 +221,10 @@ class EvalConfig:
     # (query, window) pairs held at once at inference (one encoder pass, and a query group's kept top-k encodings):
     # bounds memory on long videos and for many queries
     window_chunk: int = 256
-    # frames (pairs x window length) per encoder pass at inference, at most window_chunk pairs: the GEMM efficiency
-    # knob (passes of ~10k frames keep the activations near the cache; measured in the README, "Performance"); 0 =
-    # window_chunk pairs per pass
-    pass_frames: int = 9600
+    # frames (pairs x window length) per encoder pass at inference, at most window_chunk pairs: the CPU efficiency
+    # knob (passes of a few thousand frames keep the activations near the cache; measured in the README,
+    # "Performance"); 0 = window_chunk pairs per pass
+    pass_frames: int = 7200
     # CPU inference kernels: fused = an inference copy whose linear layers run as oneDNN GEMMs with the bias and ReLU
     # fused (rgnet.model.fused; same function, float32); eager = the training modules as they are
     kernels: Literal["fused", "eager"] = "fused"
