@@ -1,11 +1,12 @@
 """Two-stage inference (DESIGN.md section 5): retrieve windows with the encoder, ground only the top-k.
 
-For each video: the encoder and the context score run on every (window, query) pair, in chunks of windows so that
-memory stays bounded on a 2-hour movie; a running top-k per query keeps the encoded proposals of the best windows
-seen so far (nothing else is retained).  The decoder then runs on the k kept windows per query only, so decoder
-cost is constant in video length for a fixed k (the paper's efficiency claim, which the released code does not
-realise: it decodes every window).  Moment score = p_fg * sigmoid(s_ctx); spans go to seconds, are clipped to
-[0, duration], NMS-ed (IoU > nms_iou suppresses) and capped at ``max_predictions``.
+For each video: the frames are projected once; the encoder and the context score run on every (window, query) pair,
+in passes of a few thousand frames (``eval.pass_frames``), the queries in groups, so that memory stays bounded by
+``eval.window_chunk`` pairs on a 3-hour movie and for any number of queries; a running top-k per query keeps the
+encoded proposals of the best windows seen so far (nothing else is retained).  The decoder then runs on the k kept
+windows per query only, so decoder cost is constant in video length for a fixed k (the paper's efficiency claim,
+which the released code does not realise: it decodes every window).  Moment score = p_fg * sigmoid(s_ctx); spans go
+to seconds, are clipped to [0, duration], NMS-ed (IoU > nms_iou suppresses) and capped at ``max_predictions``.
 """
 
 from __future__ import annotations
@@ -99,18 +100,17 @@ def infer_video(
     The video is read and projected once (:func:`project_video`); the queries go in groups (:func:`query_groups`),
     and each encoder pass batches the (query, window) pairs of a group, about :func:`pass_pairs` of them (at most
     ``cfg.window_chunk``): memory is bounded by ``window_chunk`` whatever the number of queries and the video's
-    length.  With
-    ``cfg.kernels == "fused"`` a CPU model runs as its fused inference copy (:mod:`rgnet.model.fused`).
+    length.  With ``cfg.kernels == "fused"`` a CPU model runs as its fused inference copy (:mod:`rgnet.model.fused`).
     """
     model.eval()
     run = inference_model(model, cfg, device)
     q, num_windows, length = len(item.records), len(item.bounds), item.spec.length
     k = min(cfg.top_k_windows, num_windows)
-    projected = project_video(run, item.frames, max(length, cfg.window_chunk * length), device)  # (T + 1, D)
+    pairs = pass_pairs(cfg, length)
+    projected = project_video(run, item.frames, pairs * length, device)  # (T + 1, D)
     all_logits = torch.empty(q, num_windows)
     sampling = torch.empty(q, num_windows, length) if keep_sampling_scores else None
     rows: list[PredictionRow] = []
-    pairs = pass_pairs(cfg, length)
     for group in query_groups(q, k, cfg.window_chunk, pairs):
         want = sampling is not None
         kept, logits, samp = _encode_group(run, item, group, projected, k, pairs, device, want)
