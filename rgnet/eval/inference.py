@@ -117,7 +117,7 @@ def infer_video(
         all_logits[group.start : group.stop] = logits
         if sampling is not None and samp is not None:
             sampling[group.start : group.stop] = samp
-        rows += _decode_kept(run, item, group, kept, cfg, device)
+        rows += _decode_kept(run, item, group, kept, cfg, device, pairs)
     return rows, VideoScores(all_logits, sampling)
 
 
@@ -180,23 +180,38 @@ def _encode_group(
 
 
 def _decode_kept(
-    model: RGNet, item: VideoItem, group: range, kept: dict[str, Tensor], cfg: EvalConfig, device: torch.device
+    model: RGNet,
+    item: VideoItem,
+    group: range,
+    kept: dict[str, Tensor],
+    cfg: EvalConfig,
+    device: torch.device,
+    pass_pairs: int,
 ) -> list[PredictionRow]:
+    """Decode the kept windows of the queries ``group`` (g x k pairs), ``pass_pairs`` pairs at a time (each pair is
+    decoded on its own, so the passes only bound the decoder's memory), then NMS per query."""
     g = kept["logit"].shape[0]
-    enc = EncoderOutput(
-        memory=kept["memory"].flatten(0, 1),  # (g*k, W, D)
-        memory_mask=kept["memory_mask"].flatten(0, 1),
-        pos=kept["pos"].flatten(0, 1),
-        context_logit=kept["logit"].flatten(),
-        frame_logit=torch.empty(0),
-        gate=torch.empty(0),
-        sampling_score=torch.empty(0),
-    )
-    dec = model.decode(enc)
-    p_fg = dec.logits[-1].float().softmax(-1)[..., 0]  # (g*k, Q)
-    score = p_fg * torch.sigmoid(enc.context_logit.float())[:, None]
+    memory, memory_mask, pos = (kept[name].flatten(0, 1) for name in ("memory", "memory_mask", "pos"))  # (g*k, ...)
+    context_logit = kept["logit"].flatten()
+    logits, spans = [], []
+    for a in range(0, len(context_logit), pass_pairs):
+        b = slice(a, a + pass_pairs)
+        enc = EncoderOutput(
+            memory=memory[b],  # (pairs, W, D)
+            memory_mask=memory_mask[b],
+            pos=pos[b],
+            context_logit=context_logit[b],
+            frame_logit=torch.empty(0),
+            gate=torch.empty(0),
+            sampling_score=torch.empty(0),
+        )
+        dec = model.decode(enc)
+        logits.append(dec.logits[-1].float())
+        spans.append(dec.spans_cw[-1].float().cpu())
+    p_fg = torch.cat(logits).softmax(-1)[..., 0]  # (g*k, Q)
+    score = p_fg * torch.sigmoid(context_logit.float())[:, None]
     start, length = _frame_starts(item, kept["window"].flatten())
-    span_se = cw_to_se(dec.spans_cw[-1].float().cpu())  # (g*k, Q, 2) window-relative
+    span_se = cw_to_se(torch.cat(spans))  # (g*k, Q, 2) window-relative
     sec = (start[:, None, None] + span_se * length[:, None, None]) / item.spec.fps
     sec = sec.clamp(0.0, item.duration_sec)
     sec = sec.view(g, -1, 2)  # (g, k*Q, 2)
