@@ -24,6 +24,7 @@ from rgnet.data.dataset import SplitData
 from rgnet.data.samples import VideoItem, gather_windows, iter_videos, pad_texts
 from rgnet.data.windows import positive_windows
 from rgnet.eval.predictions import PredictionRow
+from rgnet.model.embeddings import video_positions
 from rgnet.model.fused import inference_model
 from rgnet.model.rgnet import EncoderOutput, RGNet
 from rgnet.span_ops import cw_to_se, temporal_nms
@@ -171,7 +172,6 @@ def _encode_group(
             "window": which.to(device).expand(g, c),
             "memory": enc.memory.view(g, c, *enc.memory.shape[1:]),
             "memory_mask": enc.memory_mask.view(g, c, -1),
-            "pos": enc.pos.view(g, c, *enc.pos.shape[1:]),
         }
         cand = new["logit"] if not kept else torch.cat([kept["logit"], new["logit"]], dim=1)
         top = cand.topk(min(k, cand.shape[1]), dim=1).indices  # (g, k')
@@ -191,15 +191,18 @@ def _decode_kept(
     """Decode the kept windows of the queries ``group`` (g x k pairs), ``pass_pairs`` pairs at a time (each pair is
     decoded on its own, so the passes only bound the decoder's memory), then NMS per query."""
     g = kept["logit"].shape[0]
-    memory, memory_mask, pos = (kept[name].flatten(0, 1) for name in ("memory", "memory_mask", "pos"))  # (g*k, ...)
+    memory, memory_mask = kept["memory"].flatten(0, 1), kept["memory_mask"].flatten(0, 1)  # (g*k, W, ...)
     context_logit = kept["logit"].flatten()
     logits, spans = [], []
     for a in range(0, len(context_logit), pass_pairs):
         b = slice(a, a + pass_pairs)
+        # the frames' sine positions depend on the window's valid mask only: recomputed here (what encode did)
+        # rather than kept, which halves the kept encodings' memory
+        pos = video_positions(memory_mask[b], model.cfg.hidden_dim, model.cfg.pos_temperature).to(memory.dtype)
         enc = EncoderOutput(
             memory=memory[b],  # (pairs, W, D)
             memory_mask=memory_mask[b],
-            pos=pos[b],
+            pos=pos,
             context_logit=context_logit[b],
             frame_logit=torch.empty(0),
             gate=torch.empty(0),
