@@ -5,9 +5,11 @@ on (MAD: CLIP ViT-B/32 frame features at 5 fps, 512-d; Ego4D-NLQ: EgoVLP clip fe
 the query is either precomputed token features (L, Dt) from the training extractor or raw text for a model trained
 with ``data.text_encoder=minilm`` (see :mod:`rgnet.text`).
 
-Memory is bounded for any video length: the features are held once (T x Dv float32: a 3-hour movie at 5 fps with
-512-d features is 110 MB), the encoder runs over ``eval.window_chunk`` window-query pairs at a time, and only the
-top-k windows' encodings are kept for the decoder (:func:`rgnet.eval.inference.infer_video`).
+Memory is bounded for any video length and any number of queries: the features are held once (T x Dv float32: a
+3-hour movie at 5 fps with 512-d features is 110 MB) and projected once, the encoder runs in passes of
+``eval.pass_frames`` frames (at most ``eval.window_chunk`` window-query pairs), and only the top-k windows' encodings
+of a group of queries (at most ``eval.window_chunk`` pairs) are kept for the decoder
+(:func:`rgnet.eval.inference.infer_video`).
 """
 
 from __future__ import annotations
