@@ -125,20 +125,21 @@ def test_cli_queries_file_gives_one_json_line_per_query(tiny_model: tuple[Config
     rc = predict_cli.main(["--checkpoint", str(ckpt), "--video", video, "--queries", str(queries), "--top", "3"])
     assert rc == 0
     assert "[id-0]" in capsys.readouterr().out
-    rc = predict_cli.main(
-        ["--checkpoint", str(ckpt), "--video", video, "--queries", str(queries), "--top", "3", "--json", str(out)]
-    )
-    assert rc == 0
+    plots = tmp_path / "plots"
+    args = ["--queries", str(queries), "--top", "3", "--json", str(out), "--plot-dir", str(plots)]
+    assert predict_cli.main(["--checkpoint", str(ckpt), "--video", video, *args]) == 0
     capsys.readouterr()
     answers = [json.loads(x) for x in out.read_text().splitlines()]
     assert [a["id"] for a in answers] == ["id-0", "id-1", "id-2"]
+    assert len({a["plot"] for a in answers}) == 3  # one timeline per query, named by its id
+    assert all(Path(a["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for a in answers)
     assert answers[1]["query"] == "a label for the features"
     for key, answer in zip(keys, answers):
         single = tmp_path / f"{key}.json"
         args = ["--video", video, "--query-features", f"{f}:queries/{key}", "--top", "3", "--json", str(single)]
         assert predict_cli.main(["--checkpoint", str(ckpt), *args]) == 0
         want = json.loads(single.read_text())
-        assert set(answer) == {"id", *want}  # the fields --json writes for one query, plus the id
+        assert set(answer) == {"id", "plot", *want}  # the fields --json writes for one query, plus the id (and plot)
         got_m = [[m["start_sec"], m["end_sec"], m["score"]] for m in answer["moments"]]
         want_m = [[m["start_sec"], m["end_sec"], m["score"]] for m in want["moments"]]
         np.testing.assert_allclose(got_m, want_m, rtol=1e-5, atol=1e-5)
