@@ -266,11 +266,11 @@ def run_variants(configs: dict[RunKey, Config], runs: Path, parallel: int, threa
                 child = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
                 running[key] = (child, time.perf_counter(), log_file, lock)
             time.sleep(1.0)
-            for key, (child, t0, log_file, lock) in list(running.items()):
+            for key, (child, t0, out_file, lock) in list(running.items()):
                 code = child.poll()
                 if code is None:
                     continue
-                log_file.close()
+                out_file.close()
                 del running[key]
                 seconds = time.perf_counter() - t0
                 folder = run_dir(runs, *key)
@@ -284,10 +284,10 @@ def run_variants(configs: dict[RunKey, Config], runs: Path, parallel: int, threa
                 results[key] = seconds
                 log.info("%s seed %d: done in %.1f min", key[0], key[1], seconds / 60)
     finally:
-        for child, _, log_file, lock in running.values():  # interrupted: stop the children (they resume next time)
+        for child, _, out_file, lock in running.values():  # interrupted: stop the children (they resume next time)
             child.terminate()
             child.wait()
-            log_file.close()
+            out_file.close()
             lock.close()
     return results
 

@@ -30,7 +30,9 @@ the study and swept).  Intervals are 95% Student t intervals over seeds (``rgnet
 models are paired by seed; an interval that contains 0 is reported as undecided.
 
 Re-running a study resumes: ablate resumes per (variant, seed), Tune restores the sweep, and evaluations are cached
-in the study folder with the checkpoint they came from (a retrained checkpoint is evaluated again).
+in the study folder with the checkpoint they came from (a retrained checkpoint is evaluated again).  ``--fresh``
+starts a table's runs or a sweep over; for ``topk`` and ``oracle`` it only evaluates again (it never deletes the
+runs of ``tab3``).
 """
 
 from __future__ import annotations
@@ -293,15 +295,14 @@ def evaluate_checkpoints(
         parallel=args.parallel,
         runs=runs_dir(base),
         overrides=list(args.overrides),
-        fresh=args.fresh,
-    )
+    )  # --fresh re-evaluates (below); it never retrains tab3's runs (`rgnet study tab3 --fresh` does)
     set_threads(args.threads, 1)  # the runs' thread count: evaluation sums in its order too
     results: dict[str, dict[int, dict[str, dict[str, Any]]]] = {RGNET: {}, BASELINE: {}}
     for (variant, seed), cfg in configs.items():
         ckpt = Path(cfg.train.output_dir) / cfg.train.run_name / "best.pt"
         cache = out / "evals" / variant / f"seed{seed}.json"
         stamp = {"checkpoint": str(ckpt), "mtime_ns": ckpt.stat().st_mtime_ns, "settings": settings}
-        if cache.exists():
+        if cache.exists() and not args.fresh:
             saved = json.loads(cache.read_text())
             if {k: saved.get(k) for k in stamp} == stamp:
                 results[variant][seed] = saved["reports"]

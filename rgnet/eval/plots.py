@@ -18,7 +18,7 @@ Every file is written to a temporary name in the target folder, then renamed (:f
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -532,7 +532,7 @@ def variant_bars(
 def sweep_lines(
     path: str | Path,
     xs: Sequence[float],
-    lines: dict[str, Sequence[tuple[float, float, float]]],
+    lines: Mapping[str, Sequence[tuple[float, float, float]]],
     *,
     xlabel: str,
     ylabel: str,
