@@ -513,7 +513,8 @@ def evaluate_trial(checkpoint: Path, cache: Path, threads: int) -> dict[str, Any
     set_threads(threads, 1)
     reports = {}
     for split in ablate.SPLITS:
-        args = evaluate.build_parser().parse_args(["--checkpoint", str(checkpoint), "--split", split])
+        argv = ["--checkpoint", str(checkpoint), "--split", split, "--set", "train.progress=false"]
+        args = evaluate.build_parser().parse_args(argv)
         reports[split] = evaluate.evaluate_checkpoint(args)
     atomic_write_json(cache, {"checkpoint": str(checkpoint), "reports": reports})
     return reports
