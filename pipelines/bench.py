@@ -1,4 +1,5 @@
-"""``rgnet bench``: training throughput, two-stage inference latency vs video length, peak memory, FLOP/s.
+"""``rgnet bench``: training throughput, two-stage inference latency vs video length and queries per video, peak
+memory, and the FLOP floor.
 
 Every measurement runs in a fresh subprocess so that its peak memory (ru_maxrss) is its own.  Numbers are printed
 and written as JSON.  Inputs are random features of the requested shapes (the model's cost does not depend on the
@@ -6,7 +7,12 @@ values), so no dataset is needed.
 
 Defaults are the issue's reference setting: full-size model (D 256, 2+2 encoder layers, 6 decoder layers, FFN 2048,
 5 queries), 300-frame training windows at 5 fps with 512-d features, batch 8 (64 query-window pairs per step);
-inference on one query over 10 min / 1 h / 2 h movies at 5 fps with W = 900 and top-30 windows.
+inference at the MAD sizes: 10 min / 1 h / 2 h movies at 5 fps, windows of 300 and 900 frames at half-window
+stride, top-30 windows, Q = 1, 8 and 64 queries per video (one ``infer_video`` call: the video is projected once
+and the queries' pairs share the encoder passes).  Per row: latency per query, queries/s, peak memory, the FLOPs
+per query counted by torch on the eager model, the floor they need at the matmul peak measured in the same child
+(the faster of MKL and oneDNN on a CPU), and latency / floor.  ``--device cuda --precision bf16`` runs the same
+table under bf16 autocast on a GPU, its floor at the measured bf16 matmul peak.
 """
 
 from __future__ import annotations
@@ -47,16 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-dim", type=int, default=512, help="video and text feature width")
     p.add_argument("--train-steps", type=int, default=4, help="timed training steps (after 1 warm-up step)")
     p.add_argument("--fps", type=float, default=5.0, help="feature rate of the inference videos")
-    p.add_argument("--infer-window", type=int, default=900, help="W (frames) at inference")
+    p.add_argument(
+        "--infer-windows", type=int, nargs="+", default=[300, 900], help="window lengths W (frames) at inference"
+    )
     p.add_argument("--top-k", type=int, default=30, help="windows decoded per query")
     p.add_argument(
         "--video-minutes", type=float, nargs="+", default=[10, 60, 120], help="inference video lengths (minutes)"
     )
-    p.add_argument("--repeats", type=int, default=3, help="timed inference runs per length (median reported)")
+    p.add_argument(
+        "--queries", type=int, nargs="+", default=[1, 8, 64], help="queries per video Q (one inference call each)"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=3, help="timed inference runs at Q = 1 (median reported; one run at Q > 1)"
+    )
     p.add_argument("--window-chunk", type=int, default=0, help="eval.window_chunk at inference (0 = the default)")
+    p.add_argument("--kernels", choices=["fused", "eager"], default="fused", help="eval.kernels at inference on CPU")
+    p.add_argument("--no-train", action="store_true", help="skip the training-step benchmark")
+    p.add_argument("--peak-seconds", type=float, default=2.0, help="seconds of each matmul peak measurement")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--part", choices=["all", "train", "infer", "peak"], default="all", help=argparse.SUPPRESS)
     p.add_argument("--minutes", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--window", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
 
@@ -88,20 +105,38 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize()
 
 
-def bench_matmul_peak(device: Any, seconds: float = 2.0) -> float:
-    """Measured dense fp32 matmul FLOP/s of this machine (the denominator of the utilisation figure)."""
+def bench_matmul_peak(device: Any, precision: str = "fp32", seconds: float = 2.0) -> dict[str, float]:
+    """The machine's measured dense matmul FLOP/s (the denominator of the utilisation figures and of the floor).
+
+    CPU, float32: the faster of torch's matmul (MKL's sgemm) and oneDNN's (``mkldnn._linear_pointwise``, what the
+    fused inference kernels call): on AVX-512 CPUs that are not Intel's, MKL takes a slower code path, so its peak
+    alone would flatter the fused kernels.  CUDA: torch's matmul in the autocast dtype (bf16/fp16) or float32.
+    """
     import torch
 
-    n = 2048
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
-    _sync(device)
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+    from rgnet.model.fused import fused_kernels_available
+
+    n = 2048 if device.type == "cpu" else 8192
+    dtype = (
+        {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32) if device.type == "cuda" else None
+    )
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    kernels: dict[str, Any] = {"torch": lambda: a @ b}
+    if device.type == "cpu" and fused_kernels_available():
+        kernels["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    out: dict[str, float] = {}
+    for name, fn in kernels.items():
+        fn()
+        _sync(device)
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            fn()
+            reps += 1
+        _sync(device)
+        out[name] = 2 * n**3 * reps / (time.perf_counter() - t0)
+    out["flops_per_s"] = max(out.values())
+    return out
 
 
 def bench_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -151,7 +186,7 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     with FlopCounterMode(display=False) as fc:
         train_step(model, criterion, batch, opt, sched, cfg, device, scaler)
     flops = fc.get_total_flops()
-    peak = bench_matmul_peak(device)
+    peak = bench_matmul_peak(device, args.precision, args.peak_seconds)["flops_per_s"]
     out = {
         "batch_queries": b,
         "pairs_per_step": int(pw.numel()),
@@ -171,38 +206,90 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def bench_infer(args: argparse.Namespace, minutes: float) -> dict[str, Any]:
-    """Latency of one query over a video of ``minutes`` minutes; encoder and decoder timed separately."""
+def _inference_item(args: argparse.Namespace, minutes: float, window: int, num_queries: int) -> Any:
+    """A random video of ``minutes`` at ``args.fps`` and ``num_queries`` random 20-word queries about it."""
+    import numpy as np
+    import torch
+
+    from rgnet.data.records import QueryRecord
+    from rgnet.data.samples import VideoItem, WindowSpec
+    from rgnet.data.windows import window_bounds
+
+    d = args.feature_dim
+    frames_n = round(minutes * 60 * args.fps)
+    spec = WindowSpec(window, window // 2, args.fps)
+    rng = np.random.default_rng(0)
+    duration = frames_n / args.fps
+    return VideoItem(
+        video_key="bench",
+        duration_sec=duration,
+        frames=torch.from_numpy(rng.standard_normal((frames_n, d), dtype=np.float32)),
+        bounds=window_bounds(frames_n, spec.length, spec.stride),
+        spec=spec,
+        records=[
+            QueryRecord(f"q{i}", "bench", "a query", 1.0, 5.0, duration, "bench", f"q{i}") for i in range(num_queries)
+        ],
+        texts=[rng.standard_normal((20, d), dtype=np.float32) for _ in range(num_queries)],
+        sentences=None,
+    )
+
+
+def _count_flops(model: Any, item: Any, cfg: Any, device: Any) -> dict[str, int]:
+    """FLOPs counted by torch on the eager model for the first query of ``item`` alone: the video projection (shared
+    by all the queries of a video), the encoder and the decoder (per query)."""
+    from dataclasses import replace
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rgnet.eval.inference import infer_video, project_video
+
+    for p in model.parameters():
+        p.requires_grad_(False)  # the counter's module tracker trips over leaf parameters under no_grad
+    one = replace(item, records=item.records[:1], texts=item.texts[:1])
+    flops = {"encode": 0, "decode": 0}
+    encode, decode = model.encode, model.decode
+
+    def counted(name: str, fn: Any) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            with FlopCounterMode(display=False) as fc:
+                r = fn(*a, **k)
+            flops[name] += fc.get_total_flops()
+            return r
+
+        return wrapper
+
+    model.encode, model.decode = counted("encode", encode), counted("decode", decode)
+    try:
+        infer_video(model, one, replace(cfg, kernels="eager"), device)
+    finally:
+        del model.encode, model.decode  # back to the class methods
+    with FlopCounterMode(display=False) as fc:
+        project_video(model, item.frames, max(item.spec.length, cfg.window_chunk * item.spec.length), device)
+    return {"project": fc.get_total_flops(), **flops}
+
+
+def bench_infer(args: argparse.Namespace, minutes: float, window: int) -> dict[str, Any]:
+    """Latency per query at each Q of ``args.queries`` (Q queries about one video of ``minutes``, windows of
+    ``window`` frames), with the encoder and decoder timed separately, queries/s, peak memory, and the FLOP floor."""
     import numpy as np
     import torch
 
     from rgnet.config import EvalConfig
-    from rgnet.data.records import QueryRecord
-    from rgnet.data.samples import VideoItem, WindowSpec
-    from rgnet.data.windows import window_bounds
     from rgnet.eval.inference import infer_video
     from rgnet.model import build_model
+    from rgnet.model.fused import inference_model
+    from rgnet.train.loop import autocast_context
 
     device = torch.device(args.device)
     torch.manual_seed(0)
     d = args.feature_dim
     model = build_model(_model_config(args), d, d).to(device).eval()
-    frames_n = round(minutes * 60 * args.fps)
-    spec = WindowSpec(args.infer_window, args.infer_window // 2, args.fps)
-    rng = np.random.default_rng(0)
-    item = VideoItem(
-        video_key="bench",
-        duration_sec=frames_n / args.fps,
-        frames=torch.from_numpy(rng.standard_normal((frames_n, d), dtype=np.float32)),
-        bounds=window_bounds(frames_n, spec.length, spec.stride),
-        spec=spec,
-        records=[QueryRecord("q", "bench", "a query", 1.0, 5.0, frames_n / args.fps, "bench", "q")],
-        texts=[rng.standard_normal((20, d), dtype=np.float32)],
-        sentences=None,
-    )
-    cfg = EvalConfig(top_k_windows=args.top_k)
+    qs = sorted(set(args.queries))
+    item = _inference_item(args, minutes, window, qs[-1])
+    cfg = EvalConfig(top_k_windows=args.top_k, kernels=args.kernels)
     if args.window_chunk:
         cfg.window_chunk = args.window_chunk
+    run = inference_model(model, cfg, device)  # what infer_video runs: the fused copy on a CPU (cached)
     timings: dict[str, float] = {"encode": 0.0, "decode": 0.0}
 
     def timed(name: str, fn: Any) -> Any:
@@ -216,62 +303,74 @@ def bench_infer(args: argparse.Namespace, minutes: float) -> dict[str, Any]:
 
         return wrapper
 
-    encode, decode = model.encode, model.decode
-    model.encode = timed("encode", encode)  # type: ignore[method-assign]
-    model.decode = timed("decode", decode)  # type: ignore[method-assign]
-    infer_video(model, item, cfg, device)  # warm-up
-    runs = []
-    for _ in range(max(1, args.repeats)):  # the median of a few runs: one run is at the mercy of the allocator
-        timings.update(encode=0.0, decode=0.0)
-        t0 = time.perf_counter()
-        rows, _ = infer_video(model, item, cfg, device)
-        total = time.perf_counter() - t0
-        runs.append((total, timings["encode"], timings["decode"]))
-    total, enc_s, dec_s = (float(np.median([r[i] for r in runs])) for i in range(3))
-    out = {
+    run.encode = timed("encode", run.encode)  # type: ignore[method-assign]
+    run.decode = timed("decode", run.decode)  # type: ignore[method-assign]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def infer(q: int) -> Any:
+        sub = item if q == len(item.records) else _first_queries(item, q)
+        with autocast_context(device, args.precision):
+            return infer_video(model, sub, cfg, device)
+
+    infer(1)  # warm-up: allocator, oneDNN kernels
+    rows = []
+    for q in qs:
+        runs = []
+        for _ in range(max(1, args.repeats) if q == 1 else 1):  # Q > 1: one run averages Q queries already
+            timings.update(encode=0.0, decode=0.0)
+            t0 = time.perf_counter()
+            preds, _ = infer(q)
+            _sync(device)
+            runs.append((time.perf_counter() - t0, timings["encode"], timings["decode"]))
+        total, enc_s, dec_s = (float(np.median([r[i] for r in runs])) for i in range(3))
+        row = {
+            "queries": q,
+            "runs": len(runs),
+            "total_s": total,
+            "latency_per_query_s": total / q,
+            "queries_per_s": q / total,
+            "encoder_s": enc_s,
+            "decoder_s": dec_s,
+            "total_runs_s": [r[0] for r in runs],
+            "predictions": len(preds[0].predictions),
+            "peak_rss_gib": _peak_rss_gib(),  # the child's high-water mark so far (Q ascending)
+        }
+        if device.type == "cuda":
+            row["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        rows.append(row)
+    # FLOPs (counted by torch on the eager model) and the time they need at the measured matmul peak: a floor no
+    # implementation of this computation reaches on this machine
+    del run.encode, run.decode
+    with autocast_context(device, args.precision):
+        flops = _count_flops(model, item, cfg, device)
+    peak = bench_matmul_peak(device, args.precision, args.peak_seconds)
+    for row in rows:
+        q = row["queries"]
+        per_query = flops["project"] / q + flops["encode"] + flops["decode"]
+        row.update(
+            flops_per_query=per_query,
+            floor_per_query_s=per_query / peak["flops_per_s"],
+            latency_over_floor=row["latency_per_query_s"] / (per_query / peak["flops_per_s"]),
+        )
+    return {
         "video_minutes": minutes,
-        "frames": frames_n,
+        "window_frames": window,
+        "frames": int(item.frames.shape[0]),
         "windows": len(item.bounds),
         "top_k": min(args.top_k, len(item.bounds)),
-        "repeats": len(runs),
-        "latency_s": total,
-        "encoder_s": enc_s,
-        "decoder_s": dec_s,
-        "post_s": total - enc_s - dec_s,
-        "latency_runs_s": [r[0] for r in runs],
-        "decoder_runs_s": [r[2] for r in runs],
-        "predictions": len(rows[0].predictions),
-        "peak_rss_gib": _peak_rss_gib(),
+        "window_chunk": cfg.window_chunk,
+        "kernels": cfg.kernels if device.type == "cpu" else "eager",
+        "flops": flops,
+        "matmul_peak": peak,
+        "by_queries": rows,
     }
-    # FLOPs of one query (counted by torch), and the time they need at the measured matmul peak: a floor no
-    # implementation of this computation reaches on this machine
-    from torch.utils.flop_counter import FlopCounterMode
 
-    for p in model.parameters():
-        p.requires_grad_(False)  # the counter's module tracker trips over leaf parameters under no_grad
-    flops = {"encode": 0, "decode": 0}
 
-    def counted(name: str, fn: Any) -> Any:
-        def wrapper(*a: Any, **k: Any) -> Any:
-            with FlopCounterMode(display=False) as fc:
-                r = fn(*a, **k)
-            flops[name] += fc.get_total_flops()
-            return r
+def _first_queries(item: Any, q: int) -> Any:
+    from dataclasses import replace
 
-        return wrapper
-
-    model.encode, model.decode = counted("encode", encode), counted("decode", decode)  # type: ignore[method-assign]
-    infer_video(model, item, cfg, device)
-    peak = bench_matmul_peak(device)
-    out.update(
-        encoder_flops=flops["encode"],
-        decoder_flops=flops["decode"],
-        matmul_peak_flops_per_s=peak,
-        encoder_floor_s=flops["encode"] / peak,
-        decoder_floor_s=flops["decode"] / peak,
-        encoder_fraction_of_peak=flops["encode"] / enc_s / peak,
-    )
-    return out
+    return replace(item, records=item.records[:q], texts=item.texts[:q])
 
 
 def _child(args: argparse.Namespace) -> int:
@@ -279,7 +378,7 @@ def _child(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = bench_train(args) if args.part == "train" else bench_infer(args, args.minutes)
+    result = bench_train(args) if args.part == "train" else bench_infer(args, args.minutes, args.window)
     print("RESULT " + json.dumps(result))
     return 0
 
@@ -311,8 +410,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.part != "all":
         return _child(args)
-    import torch
-
     common = [
         "--device",
         args.device,
@@ -328,8 +425,6 @@ def main(argv: list[str] | None = None) -> int:
         str(args.train_steps),
         "--fps",
         str(args.fps),
-        "--infer-window",
-        str(args.infer_window),
         "--top-k",
         str(args.top_k),
         "--threads",
@@ -338,42 +433,94 @@ def main(argv: list[str] | None = None) -> int:
         str(args.repeats),
         "--window-chunk",
         str(args.window_chunk),
+        "--kernels",
+        args.kernels,
+        "--queries",
+        *map(str, args.queries),
+        "--peak-seconds",
+        str(args.peak_seconds),
     ] + (["--preset", args.preset] if args.preset else [])
     results: dict[str, Any] = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device": args.device,
-            "precision": args.precision,
-        },
+        "machine": machine_info(args),
     }
-    print("training step ...", flush=True)
-    tr = _run_child([*common, "--part", "train"])
-    results["train"] = tr
-    print(
-        f"  train: {tr['window_pairs_per_s']:.2f} window-pairs/s, {tr['queries_per_s']:.2f} queries/s "
-        f"({tr['step_seconds']:.2f} s/step, {tr['pairs_per_step']} pairs), peak RSS {tr['peak_rss_gib']:.2f} GiB, "
-        f"{tr['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * tr['fraction_of_matmul_peak']:.1f}% of matmul peak "
-        f"({tr['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s)",
-        flush=True,
-    )
-    results["inference"] = []
-    for minutes in args.video_minutes:
-        r = _run_child([*common, "--part", "infer", "--minutes", str(minutes)])
-        results["inference"].append(r)
+    if not args.no_train:
+        print("training step ...", flush=True)
+        tr = _run_child([*common, "--part", "train"])
+        results["train"] = tr
         print(
-            f"  infer {minutes:>5.0f} min ({r['windows']} windows): {r['latency_s']:.2f} s/query "
-            f"(encoder {r['encoder_s']:.2f} s = {100 * r['encoder_fraction_of_peak']:.0f}% of matmul peak, floor "
-            f"{r['encoder_floor_s']:.2f} s; decoder {r['decoder_s']:.3f} s, post {r['post_s']:.3f} s; median of "
-            f"{r['repeats']}), peak RSS {r['peak_rss_gib']:.2f} GiB",
+            f"  train: {tr['window_pairs_per_s']:.2f} window-pairs/s, {tr['queries_per_s']:.2f} queries/s "
+            f"({tr['step_seconds']:.2f} s/step, {tr['pairs_per_step']} pairs), peak RSS {tr['peak_rss_gib']:.2f} GiB, "
+            f"{tr['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * tr['fraction_of_matmul_peak']:.1f}% of matmul "
+            f"peak ({tr['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s)",
             flush=True,
         )
-    dec = [r["decoder_s"] for r in results["inference"]]
-    results["decoder_time_ratio_longest_to_shortest"] = dec[-1] / dec[0] if dec and dec[0] > 0 else None
+    results["inference"] = []
+    for window in args.infer_windows:
+        for minutes in args.video_minutes:
+            print(f"inference: {minutes:g} min, W = {window} ...", flush=True)
+            r = _run_child([*common, "--part", "infer", "--minutes", str(minutes), "--window", str(window)])
+            results["inference"].append(r)
+    results["machine"]["load_after"] = _load_average()
+    print(inference_table(results["inference"], args.device, args.precision))
     atomic_write_json(args.out, results)
     print(f"wrote {args.out}")
     return 0
+
+
+def _load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def machine_info(args: argparse.Namespace) -> dict[str, Any]:
+    """What the numbers depend on: CPU model and count, torch, threads, device and precision, and the load average
+    (1, 5, 15 min) when the benchmark started (other work on the machine slows every number down)."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": args.threads or torch.get_num_threads(),
+        "device": args.device,
+        "precision": args.precision if args.device != "cpu" else "fp32",
+        "load_before": _load_average(),
+    }
+    if args.device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def inference_table(results: list[dict[str, Any]], device: str = "cpu", precision: str = "fp32") -> str:
+    """The Markdown table of the inference rows: one per (window length, video length, Q)."""
+    mem = "peak GPU memory" if device != "cpu" else "peak RSS"
+    lines = [
+        f"| W (frames) | video | windows | Q | latency / query | queries/s | {mem} | GFLOP / query "
+        "| FLOP floor / query | latency / floor |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for row in r["by_queries"]:
+            gib = row.get("peak_cuda_gib", row["peak_rss_gib"])
+            lines.append(
+                f"| {r['window_frames']} | {r['video_minutes']:g} min | {r['windows']} | {row['queries']} "
+                f"| {row['latency_per_query_s']:.3f} s | {row['queries_per_s']:.2f} | {gib:.2f} GiB "
+                f"| {row['flops_per_query'] / 1e9:.1f} | {row['floor_per_query_s']:.3f} s "
+                f"| {row['latency_over_floor']:.2f} |"
+            )
+    if results:
+        peak = results[0]["matmul_peak"]
+        parts = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peak.items() if k != "flops_per_s")
+        dtype = precision if device != "cpu" else "fp32"
+        lines.append(f"\nFloor = FLOPs / matmul peak ({dtype}: {peak['flops_per_s'] / 1e9:.0f} GFLOP/s; {parts}).")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tune": ("pipelines.tune", "sweep a search space (tune_spaces/*.yaml) with Ray Tune + Optuna + ASHA"),
     "ablate": (
         "pipelines.ablate",
-        "the ablation table: every variant of a space file trained locally, val/test metrics vs the untrained model",
+        "the ablation table: every variant of a space file trained locally over seeds, means, intervals, paired "
+        "differences",
+    ),
+    "study": (
+        "pipelines.study",
+        "one of the paper's claims with error bars: tab3 | tab4 | topk | oracle | length | temperature",
     ),
     "evaluate": ("pipelines.evaluate", "metrics for a prediction file, or for a checkpoint on a split"),
     "predict": (

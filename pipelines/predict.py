@@ -66,13 +66,24 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("--query", metavar="TEXT", help="the sentence (encoded by the model's text encoder if it has one)")
     one.add_argument("--query-features", metavar="F[:KEY]", help="precomputed query token features (L, text_dim)")
     one.add_argument(
+        "--queries",
+        metavar="FILE",
+        help='many queries about the --video, JSON Lines: one {"id": ..., "query": "a sentence"} or {"id": ..., '
+        '"query_features": "FEATURES.h5:KEY"} per line; the video is read and projected once and the queries\' '
+        "(query, window) pairs are batched; the answers are JSON Lines (--json FILE|-), one object per query",
+    )
+    one.add_argument(
         "--sentence-features",
         metavar="F[:KEY]",
         help="sentence feature (1, video_dim) for frozen-feature ranking models (model.retrieval=none)",
     )
     one.add_argument("--fps", type=float, help="feature rate (default: the file's fps attribute, else the model's)")
     one.add_argument("--top", type=int, default=10, help="moments to return (default: %(default)s)")
-    one.add_argument("--json", metavar="FILE", help="write the answer as JSON to FILE ('-': print JSON, no table)")
+    one.add_argument(
+        "--json",
+        metavar="FILE",
+        help="write the answer as JSON to FILE ('-': print JSON, no table); with --queries, JSON Lines",
+    )
     one.add_argument("--plot-dir", metavar="DIR", help="write the query's timeline plot (PNG) here")
     batch = p.add_argument_group("a whole split (Ray Data batch inference)")
     batch.add_argument("--split", help="train, val, test or a split name of the model's dataset")
@@ -161,7 +172,7 @@ def draw_timeline(
     )
 
 
-def timeline_plot(answer: Any, out_dir: Path, top_k_windows: int) -> Path:
+def timeline_plot(answer: Any, out_dir: Path, top_k_windows: int, name: str = "") -> Path:
     from rgnet.eval.plots import frame_score_curve
 
     frame_scores = None
@@ -170,7 +181,7 @@ def timeline_plot(answer: Any, out_dir: Path, top_k_windows: int) -> Path:
         frame_scores = frame_score_curve(answer.bounds, answer.scores.sampling_score[0].numpy(), num_frames)
     return draw_timeline(
         out_dir,
-        answer.video,
+        name or answer.video,
         fps=answer.fps,
         bounds=answer.bounds,
         frame_scores=frame_scores,
@@ -289,6 +300,60 @@ def predict_one(args: argparse.Namespace, model: Any, cfg: Config) -> dict[str, 
         if args.plot_dir:
             print(f"timeline plot: {out['plot']}")
     return out
+
+
+def predict_many(args: argparse.Namespace, model: Any, cfg: Config) -> list[dict[str, Any]]:
+    """``--queries FILE``: every query of the file on the one ``--video``; JSON Lines out (``--json``), one object per
+    query: its ``id`` and the fields ``--json`` writes for one query (``seconds``: the batch's time per query)."""
+    from rgnet.io import atomic_open
+    from rgnet.predict import ground_many, needs_sentence, read_queries, resolve_fps
+    from rgnet.train.loop import resolve_device
+
+    if args.query is not None or args.query_features or args.sentence_features:
+        raise ValueError("--queries FILE holds the queries: drop --query, --query-features and --sentence-features")
+    if args.top < 1:
+        raise ValueError(f"--top must be >= 1, got {args.top}")
+    lines = read_queries(args.queries, cfg, sentence_needed=needs_sentence(model, cfg))
+    frames, key, stored_fps = _features(args.video, kind="video", dim=cfg.data.video_dim)
+    fps = resolve_fps(cfg, args.fps, stored_fps, args.video)
+    video = key.rsplit("/", 1)[-1]
+    device = resolve_device(cfg.train.device)
+    t0 = time.perf_counter()
+    answers = ground_many(
+        model.to(device),
+        cfg,
+        frames,
+        fps,
+        [q.tokens for q in lines],
+        video=video,
+        queries=[q.query for q in lines],
+        sentences=None if any(q.sentence is None for q in lines) else [q.sentence for q in lines],  # type: ignore[misc]
+        top_n=args.top,
+        device=device,
+        keep_sampling_scores=bool(args.plot_dir),
+    )
+    elapsed = time.perf_counter() - t0
+    outs = []
+    for q, answer in zip(lines, answers):
+        out = {"id": q.id, **answer.to_json(), "seconds": round(elapsed / len(lines), 3)}
+        if args.plot_dir:
+            out["plot"] = str(
+                timeline_plot(answer, Path(args.plot_dir), cfg.eval.top_k_windows, name=f"{video}_{q.id}")
+            )
+        outs.append(out)
+    if args.json == "-":
+        for out in outs:
+            print(json.dumps(out))
+        return outs
+    for q, answer in zip(lines, answers):
+        print(f"[{q.id}] " + format_answer(answer))
+    print(f"({len(lines)} queries, {len(answers[0].windows)} windows, {elapsed:.2f} s)")
+    if args.json:
+        with atomic_open(args.json) as fh:
+            for out in outs:
+                fh.write(json.dumps(out) + "\n")
+        print(f"JSON Lines written to {args.json}")
+    return outs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -462,10 +527,12 @@ def _main(args: argparse.Namespace) -> int:
         model, cfg = ckpt.model_with_overrides(payload, args.overrides)
         if args.split:
             predict_split(args, payload, cfg, source)
+        elif args.video and args.queries:
+            predict_many(args, model, cfg)
         elif args.video:
             predict_one(args, model, cfg)
         else:
-            return fail("give --video FEATURES[:KEY] with --query/--query-features, or --split NAME")
+            return fail("give --video FEATURES[:KEY] with --query/--query-features or --queries FILE, or --split NAME")
     # ValueError: ConfigError, DataError, and bad arguments found by the library (empty query, ...)
     except (SetupError, FileNotFoundError, TextEncoderUnavailable, ValueError) as e:
         return fail(str(e))

@@ -218,7 +218,16 @@ class EvalConfig:
     iou_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.5])  # MAD adds 0.1
     retrieval_ks: list[int] = field(default_factory=lambda: [1, 5, 10, 30])
     fusion: Literal["none", "matching"] = "none"  # matching = add the released code's frozen-feature score
-    window_chunk: int = 256  # windows per encoder pass at inference; bounds memory on long videos
+    # (query, window) pairs held at once at inference (one encoder pass, and a query group's kept top-k encodings):
+    # bounds memory on long videos and for many queries
+    window_chunk: int = 256
+    # frames (pairs x window length) per encoder pass at inference, at most window_chunk pairs: the CPU efficiency
+    # knob (passes of a few thousand frames keep the activations near the cache; measured in the README,
+    # "Performance"); 0 = window_chunk pairs per pass
+    pass_frames: int = 7200
+    # CPU inference kernels: fused = an inference copy whose linear layers run as oneDNN GEMMs with the bias and ReLU
+    # fused (rgnet.model.fused; same function, float32); eager = the training modules as they are
+    kernels: Literal["fused", "eager"] = "fused"
     oracle: bool = False  # decode the ground-truth window only (oracle grounding)
 
 

@@ -5,15 +5,19 @@ on (MAD: CLIP ViT-B/32 frame features at 5 fps, 512-d; Ego4D-NLQ: EgoVLP clip fe
 the query is either precomputed token features (L, Dt) from the training extractor or raw text for a model trained
 with ``data.text_encoder=minilm`` (see :mod:`rgnet.text`).
 
-Memory is bounded for any video length: the features are held once (T x Dv float32: a 3-hour movie at 5 fps with
-512-d features is 110 MB), the encoder runs over ``eval.window_chunk`` window-query pairs at a time, and only the
-top-k windows' encodings are kept for the decoder (:func:`rgnet.eval.inference.infer_video`).
+Memory is bounded for any video length and any number of queries: the features are held once (T x Dv float32: a
+3-hour movie at 5 fps with 512-d features is 110 MB) and projected once, the encoder runs in passes of
+``eval.pass_frames`` frames (at most ``eval.window_chunk`` window-query pairs), and only the top-k windows' encodings
+of a group of queries (at most ``eval.window_chunk`` pairs) are kept for the decoder
+(:func:`rgnet.eval.inference.infer_video`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -250,54 +254,201 @@ def ground(
     """The top ``top_n`` moments of ``query`` (token features ``tokens``) in the video ``frames`` (T, Dv) at ``fps``.
 
     Moments are in seconds inside [0, T / fps], NMS-ed at ``eval.nms_iou`` and sorted by score
-    (``p_fg * sigmoid(s_ctx)``, DESIGN section 5).
+    (``p_fg * sigmoid(s_ctx)``, DESIGN section 5).  One query of :func:`ground_many`.
+    """
+    return ground_many(
+        model,
+        cfg,
+        frames,
+        fps,
+        [tokens],
+        video=video,
+        queries=[query],
+        sentences=None if sentence is None else [sentence],
+        top_n=top_n,
+        device=device,
+        keep_sampling_scores=keep_sampling_scores,
+    )[0]
+
+
+@torch.no_grad()
+def ground_many(
+    model: RGNet,
+    cfg: Config,
+    frames: np.ndarray,
+    fps: float,
+    tokens: Sequence[np.ndarray],
+    *,
+    video: str = "video",
+    queries: Sequence[str] | None = None,
+    sentences: Sequence[np.ndarray] | None = None,
+    top_n: int = 10,
+    device: torch.device | None = None,
+    keep_sampling_scores: bool = False,
+) -> list[Grounding]:
+    """:func:`ground` for many queries about one video: the answers, in the order of ``tokens`` (one (L_i, Dt) token
+    feature array per query; ``queries`` their texts, for the answers only; ``sentences`` (Dv,) each, for
+    frozen-feature ranking models).
+
+    The video is read and projected once and the encoder batches (query, window) pairs of several queries in each
+    pass, keeping a running top-k per query (:func:`rgnet.eval.inference.infer_video`); memory is bounded by
+    ``eval.window_chunk`` whatever the number of queries.  Each answer equals what :func:`ground` gives for that
+    query alone, up to floating-point summation order.
     """
     if top_n < 1:
         raise ValueError(f"top_n must be >= 1, got {top_n}")
-    if len(tokens) == 0:
-        raise ValueError("the query has no tokens")
+    if not tokens:
+        raise ValueError("no queries")
+    for i, t in enumerate(tokens):
+        if len(t) == 0:
+            raise ValueError(f"query {i + 1} has no tokens")
+    names = list(queries) if queries is not None else [""] * len(tokens)
+    if len(names) != len(tokens) or (sentences is not None and len(sentences) != len(tokens)):
+        raise ValueError("tokens, queries and sentences must have one entry per query")
     device = device or torch.device("cpu")
     duration = frames.shape[0] / fps
     spec = WindowSpec.from_config(cfg, fps)
-    record = QueryRecord(
-        query_id="query",
-        video_id=video,
-        query=query or "(features)",
-        start_sec=0.0,
-        end_sec=0.0,
-        duration_sec=duration,
-        video_key=video,
-        query_key="query",
-    )
+    records = [
+        QueryRecord(
+            query_id=f"query{i}",
+            video_id=video,
+            query=name or "(features)",
+            start_sec=0.0,
+            end_sec=0.0,
+            duration_sec=duration,
+            video_key=video,
+            query_key=f"query{i}",
+        )
+        for i, name in enumerate(names)
+    ]
     item = VideoItem(
         video_key=video,
         duration_sec=duration,
         frames=torch.from_numpy(frames),
         bounds=window_bounds(frames.shape[0], spec.length, spec.stride),
         spec=spec,
-        records=[record],
-        texts=[prepare_tokens(tokens, cfg.data.max_query_tokens, cfg.data.normalize_text)],
-        sentences=[sentence] if sentence is not None else None,
+        records=records,
+        texts=[prepare_tokens(t, cfg.data.max_query_tokens, cfg.data.normalize_text) for t in tokens],
+        sentences=list(sentences) if sentences is not None else None,
     )
     eval_cfg = replace(cfg.eval, max_predictions=top_n)
     rows, scores = infer_video(model, item, eval_cfg, device, keep_sampling_scores=keep_sampling_scores)
     bounds_sec = item.bounds / fps
-    order = torch.sort(scores.context_logit[0], descending=True, stable=True).indices.numpy()
-    prob = torch.sigmoid(scores.context_logit[0].double()).numpy()
-    windows = [[float(bounds_sec[i, 0]), float(bounds_sec[i, 1]), float(prob[i])] for i in order]
-    return Grounding(video, query, duration, fps, rows[0].predictions, windows, item.bounds, scores)
+    answers = []
+    for i, (name, row) in enumerate(zip(names, rows)):
+        logit = scores.context_logit[i]
+        order = torch.sort(logit, descending=True, stable=True).indices.numpy()
+        prob = torch.sigmoid(logit.double()).numpy()
+        windows = [[float(bounds_sec[j, 0]), float(bounds_sec[j, 1]), float(prob[j])] for j in order]
+        own = VideoScores(
+            scores.context_logit[i : i + 1], None if scores.sampling_score is None else scores.sampling_score[i : i + 1]
+        )
+        answers.append(Grounding(video, name, duration, fps, row.predictions, windows, item.bounds, own))
+    return answers
 
 
 def text_tokens(cfg: Config, query: str) -> np.ndarray:
     """Token features of raw text with the model's text encoder (``data.text_encoder``)."""
+    return text_tokens_many(cfg, [query])[0]
+
+
+def text_tokens_many(cfg: Config, queries: Sequence[str]) -> list[np.ndarray]:
+    """Token features (L_i, Dt) of each sentence with the model's text encoder (``data.text_encoder``), in batches."""
     from rgnet.text import get_text_encoder
 
-    if not query.strip():
-        raise ValueError("the query is empty: give a sentence with --query")
+    for q in queries:
+        if not q.strip():
+            raise ValueError("the query is empty: give a sentence with --query")
     if not cfg.data.text_encoder:
         raise ValueError(
             f"this model reads precomputed {cfg.data.text_dim}-d query token features (it was trained without "
             "data.text_encoder): pass --query-features FILE[:KEY] from the same text extractor (MAD: CLIP token "
             "features), or train with data.text_encoder=minilm data.text_dim=384 to query with raw text"
         )
-    return get_text_encoder(cfg.data.text_encoder).encode([query])[0]
+    return get_text_encoder(cfg.data.text_encoder).encode(list(queries))
+
+
+@dataclass
+class QueryLine:
+    """One query of a ``--queries`` file (JSON Lines), read and checked."""
+
+    id: str | int  # the line's "id" (default: its line number)
+    query: str  # the sentence (the "query_features" spec when only features were given)
+    tokens: np.ndarray  # (L, Dt) token features, from "query_features" or encoded from "query"
+    sentence: np.ndarray | None  # (Dv,) from "sentence_features" (frozen-feature ranking models)
+
+
+QUERY_LINE_FORMAT = '{"id": ..., "query": "a sentence"} or {"id": ..., "query_features": "FEATURES.h5:KEY"}'
+
+
+def read_queries(path: str | Path, cfg: Config, *, sentence_needed: bool = False) -> list[QueryLine]:
+    """The queries of a JSON Lines file, one object per line: ``{"id": ..., "query": "a sentence"}`` (models with a
+    text encoder) or ``{"id": ..., "query_features": "FEATURES.h5:KEY"}`` (both: the sentence labels the features),
+    plus ``"sentence_features"`` for frozen-feature ranking models.  Relative feature paths are relative to the
+    file's folder.  Blank lines are skipped; a missing id is the line number.  Any bad line is a :class:`DataError`
+    naming the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "queries file not found", fix=f"one JSON object per line: {QUERY_LINE_FORMAT}")
+    lines: list[tuple[int, dict[str, Any]]] = []
+    seen: dict[str | int, int] = {}
+    with path.open(encoding="utf-8") as fh:
+        for n, text in enumerate(fh, 1):
+            if not text.strip():
+                continue
+            where = f"{path}, line {n}"
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(where, f"not JSON ({e.msg} at column {e.colno})", fix=QUERY_LINE_FORMAT) from e
+            if not isinstance(obj, dict):
+                raise DataError(where, f"a JSON {type(obj).__name__}, not an object", fix=QUERY_LINE_FORMAT)
+            qid = obj.get("id", n)
+            if isinstance(qid, bool) or not isinstance(qid, str | int):
+                raise DataError(where, f"the id {qid!r} is not a string or an integer", field="id")
+            if qid in seen:
+                raise DataError(where, f"the id {qid!r} is already used on line {seen[qid]}", field="id")
+            seen[qid] = n
+            if obj.get("query") is None and obj.get("query_features") is None:
+                raise DataError(where, "has neither 'query' nor 'query_features'", fix=QUERY_LINE_FORMAT)
+            for name in ("query", "query_features", "sentence_features"):
+                if obj.get(name) is not None and not isinstance(obj[name], str):
+                    raise DataError(where, f"{name} must be a string, got {obj[name]!r}", field=name)
+            if obj.get("query_features") is None and not str(obj["query"]).strip():
+                raise DataError(where, "the query is empty", field="query")
+            if sentence_needed and obj.get("sentence_features") is None:
+                raise DataError(
+                    where,
+                    "this model ranks windows by frozen-feature similarity and needs each query's sentence feature",
+                    field="sentence_features",
+                    fix='add "sentence_features": "FEATURES.h5:KEY"',
+                )
+            lines.append((n, {**obj, "id": qid}))
+    if not lines:
+        raise DataError(path, "holds no queries", fix=f"one JSON object per line: {QUERY_LINE_FORMAT}")
+
+    def features(n: int, spec: str, field: str, kind: str, dim: int) -> np.ndarray:
+        src = FeatureSource.parse(spec if Path(spec).is_absolute() else str(path.parent / spec))
+        try:
+            return read_features(src, kind=kind, dim=dim)[0]
+        except DataError as e:
+            raise DataError(f"{path}, line {n}", str(e), field=field) from e
+
+    to_encode = [(n, obj) for n, obj in lines if obj.get("query_features") is None]
+    encoded: dict[int, np.ndarray] = {}
+    if to_encode:
+        try:
+            encoded = dict(zip((n for n, _ in to_encode), text_tokens_many(cfg, [o["query"] for _, o in to_encode])))
+        except ValueError as e:
+            raise DataError(f"{path}, line {to_encode[0][0]}", str(e), field="query") from e
+    out = []
+    for n, obj in lines:
+        if obj.get("query_features") is not None:
+            tokens = features(n, obj["query_features"], "query_features", "text", cfg.data.text_dim)
+        else:
+            tokens = encoded[n]
+        sentence = None
+        if obj.get("sentence_features") is not None:
+            sentence = features(n, obj["sentence_features"], "sentence_features", "sentence", cfg.data.video_dim)[0]
+        out.append(QueryLine(obj["id"], str(obj.get("query") or obj["query_features"]), tokens, sentence))
+    return out

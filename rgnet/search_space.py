@@ -17,6 +17,8 @@ A space file is a mapping::
       grid:                        # ("choice"); for ablations that change several keys at once
         full: {}
         no_sampler: {model.sampler.kind: none}
+    labels:                        # optional: what each variant stands for, shown in ``rgnet ablate`` tables
+      no_sampler: "paper Tab. 3, w/o Sampler"
 
 Keys are dotted config paths (``rgnet.config.all_keys``); every key, every value of a choice/grid/variant and both
 ends of a range are checked against the config tree when the file is loaded, so a typo fails before any trial
@@ -64,6 +66,7 @@ class SearchSpace:
     params: dict[str, Distribution]
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     variant_mode: str = "grid"  # grid | choice
+    labels: dict[str, str] = field(default_factory=dict)  # variant -> what it stands for (e.g. the paper's row)
 
     def base_config(self, overrides: list[str] | tuple[str, ...] = ()) -> Config:
         """The config every trial starts from: preset <- fixed <- caller's overrides."""
@@ -149,7 +152,7 @@ def load_space(path: str | os.PathLike[str]) -> SearchSpace:
         raise ConfigError(f"search space {p} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"search space {p} must hold a mapping at the top level")
-    allowed = {"description", "preset", "fixed", "metric", "space", "variants"}
+    allowed = {"description", "preset", "fixed", "metric", "space", "variants", "labels"}
     unknown = set(data) - allowed
     if unknown:
         raise ConfigError(f"search space {p}: unknown top-level keys {sorted(unknown)} (allowed: {sorted(allowed)})")
@@ -198,5 +201,24 @@ def load_space(path: str | os.PathLike[str]) -> SearchSpace:
             except ConfigError as e:
                 raise ConfigError(f"search space {p}: variant '{name}' is not a valid config: {e}") from e
             variants[str(name)] = dict(bundle)
+    labels = data.get("labels") or {}
+    if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+        raise ConfigError(f"search space {p}: 'labels' must map variant names to text")
+    unknown_labels = sorted(str(k) for k in labels if str(k) not in variants)
+    if unknown_labels:
+        raise ConfigError(
+            f"search space {p}: labels name unknown variant(s) {', '.join(unknown_labels)} "
+            f"(the variants are {', '.join(variants) or 'none'})"
+        )
     metric = data.get("metric")
-    return SearchSpace(p, str(data.get("description", "")), preset, dict(fixed), metric, params, variants, mode)
+    return SearchSpace(
+        p,
+        str(data.get("description", "")),
+        preset,
+        dict(fixed),
+        metric,
+        params,
+        variants,
+        mode,
+        {str(k): v for k, v in labels.items()},
+    )

@@ -1,12 +1,14 @@
-"""The CUDA paths: a bf16 autocast training step, `rgnet train` with one Ray Train worker on a GPU, and batch
-prediction (`rgnet predict --split`) on a GPU actor.  Marked ``gpu``: the README's test command (``-m "not gpu"``)
-deselects them, and ``python -m pytest -m gpu`` runs them on a machine with CUDA.  Selected on a machine without
-CUDA they fail and say so, rather than skip: selecting them means you wanted them run.
+"""The CUDA paths: a bf16 autocast training step, `rgnet train` with one Ray Train worker on a GPU, batch
+prediction (`rgnet predict --split`) on a GPU actor, and the `rgnet bench` inference rows in bf16.  Marked ``gpu``:
+the README's test command (``-m "not gpu"``) deselects them, and ``python -m pytest -m gpu`` runs them on a machine
+with CUDA.  Selected on a machine without CUDA they fail and say so, rather than skip: selecting them means you
+wanted them run.
 
 The reference machine has no GPU, so these were written by reading the code paths (rgnet.train.loop.train_step and
 autocast_context; pipelines.trainer.train_on_ray with ray.use_gpu and pipelines.train_worker; pipelines.predict's actor
-resources and pipelines.data.VideoPredictor) and have not run here.  ``test_cpu_step_helper_runs_fp32`` (not marked)
-runs the step helper of the first test on the CPU everywhere, so that helper keeps up with the training code.
+resources and pipelines.data.VideoPredictor; pipelines.bench.bench_infer) and have not run here.
+``test_cpu_step_helper_runs_fp32`` (not marked) runs the step helper of the first test on the CPU everywhere, so
+that helper keeps up with the training code.
 """
 
 from __future__ import annotations
@@ -187,3 +189,19 @@ def test_batch_predict_on_a_gpu_actor(
     one_query = 100 / len(val.records)  # a score tie broken the other way moves a recall by one query at most
     for key, value in local["metrics"].items():
         assert report["metrics"][key] == pytest.approx(value, abs=one_query + 1e-9), key
+
+
+@pytest.mark.gpu
+def test_bench_inference_on_cuda_in_bf16(cuda: torch.device) -> None:
+    """`rgnet bench --device cuda --precision bf16`: the inference rows under bf16 autocast (pipelines.bench.bench_infer
+    on the eager model: the fused copy is CPU-only), GPU peak memory, the floor at the bf16 matmul peak."""
+    from pipelines import bench
+
+    tiny = ["--preset", "tiny", "--feature-dim", "32", "--peak-seconds", "0.2", "--queries", "1", "8", "--repeats", "1"]
+    args = bench.build_parser().parse_args([*tiny, "--device", "cuda", "--precision", "bf16"])
+    r = bench.bench_infer(args, 2.0, 40)
+    assert r["kernels"] == "eager" and set(r["matmul_peak"]) == {"torch", "flops_per_s"}
+    for row in r["by_queries"]:
+        assert row["peak_cuda_gib"] > 0 and row["predictions"] >= 1
+        assert row["latency_over_floor"] > 1.0
+    assert "peak GPU memory" in bench.inference_table([r], "cuda", "bf16")

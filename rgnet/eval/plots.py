@@ -8,6 +8,8 @@
 - :func:`retrieval_vs_windows`: window retrieval recall against the number of windows kept per query (values:
   :func:`retrieval_curve`).
 - :func:`epoch_curves`: training losses and validation metrics over epochs.
+- :func:`variant_bars` (an ablation table, with intervals) and :func:`sweep_lines` (a metric against a swept value,
+  one line per model, with interval bands): the ``rgnet ablate`` / ``rgnet study`` plots.
 
 Figures are built with matplotlib's object API on an Agg canvas (no pyplot, no process-wide backend switch) and
 saved at ``DPI`` without ``bbox_inches="tight"``, so a PNG is exactly the size its ``*_SIZE_PX`` constant says.
@@ -16,7 +18,7 @@ Every file is written to a temporary name in the target folder, then renamed (:f
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -490,10 +492,18 @@ def epoch_curves(history: list[dict[str, Any]], out_dir: str | Path, selection_m
 # ---------------------------------------------------------------------------------------------------------------
 # Comparing runs
 # ---------------------------------------------------------------------------------------------------------------
-def variant_bars(path: str | Path, values: dict[str, dict[str, float]], metrics: Sequence[str], *, title: str) -> Path:
+def variant_bars(
+    path: str | Path,
+    values: dict[str, dict[str, float]],
+    metrics: Sequence[str],
+    *,
+    title: str,
+    errors: dict[str, dict[str, tuple[float, float]]] | None = None,
+) -> Path:
     """Grouped bars, one group per variant (in the given order) and one bar per metric, as a ``CURVE_SIZE_PX`` PNG.
 
-    ``values[variant][metric]`` in percent; a metric a variant lacks is drawn as a gap, not as 0.
+    ``values[variant][metric]`` in percent; a metric a variant lacks is drawn as a gap, not as 0.  ``errors``
+    (optional, same keys): the (low, high) interval drawn as an error bar on each bar.
     """
     if not values or not metrics:
         raise ValueError("variant_bars needs at least one variant and one metric")
@@ -502,13 +512,55 @@ def variant_bars(path: str | Path, values: dict[str, dict[str, float]], metrics:
     width = 0.8 / len(metrics)
     with _figure(CURVE_SIZE_PX) as (fig, ax):
         for i, metric in enumerate(metrics):
-            heights = [values[n].get(metric, np.nan) for n in names]
-            bars = ax.bar(x + (i - (len(metrics) - 1) / 2) * width, heights, width, label=metric)
+            heights = np.array([values[n].get(metric, np.nan) for n in names], dtype=float)
+            yerr = None
+            if errors is not None:
+                lo = np.array([errors.get(n, {}).get(metric, (np.nan, np.nan))[0] for n in names], dtype=float)
+                hi = np.array([errors.get(n, {}).get(metric, (np.nan, np.nan))[1] for n in names], dtype=float)
+                yerr = np.stack([np.nan_to_num(heights - lo), np.nan_to_num(hi - heights)]).clip(min=0.0)
+            bars = ax.bar(x + (i - (len(metrics) - 1) / 2) * width, heights, width, label=metric, yerr=yerr, capsize=2)
             ax.bar_label(bars, fmt="%.0f", fontsize=6, padding=1)
         ax.set_xticks(x, names, rotation=25, ha="right", fontsize=8)
         ax.set_ylabel("metric (%)")
         ax.set_ylim(0, 105)
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+        return _save(fig, path)
+
+
+def sweep_lines(
+    path: str | Path,
+    xs: Sequence[float],
+    lines: Mapping[str, Sequence[tuple[float, float, float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    log_x: bool = False,
+) -> Path:
+    """One line per series over ``xs`` (e.g. R@1 against the number of decoded windows, one line per model), with
+    a shaded band where a point has an interval: ``lines[label][i] = (mean, low, high)`` at ``xs[i]`` (low = high =
+    mean for a single value, drawn without a band).  A ``CURVE_SIZE_PX`` PNG."""
+    if not lines or not len(xs):
+        raise ValueError("sweep_lines needs at least one series and one x value")
+    for label, points in lines.items():
+        if len(points) != len(xs):
+            raise ValueError(f"series {label!r} has {len(points)} points for {len(xs)} x values")
+    x = np.asarray(xs, dtype=float)
+    with _figure(CURVE_SIZE_PX) as (fig, ax):
+        for label, points in lines.items():
+            mean, low, high = (np.asarray(col, dtype=float) for col in zip(*points, strict=True))
+            (line,) = ax.plot(x, mean, "o-", label=label, markersize=4)
+            if np.any(high > low):
+                ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xticks(x, [f"{v:g}" for v in x])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         return _save(fig, path)

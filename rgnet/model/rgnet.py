@@ -142,11 +142,14 @@ class RGNet(nn.Module):
         text_index: Tensor,
         sentence: Tensor | None = None,
         randomness: BatchRandom | None = None,
+        projected: Tensor | None = None,
     ) -> EncoderOutput:
         """Encode N pairs (window_index[n], text_index[n]) of P distinct windows and B distinct queries.
 
         Each window and each query is projected once, then gathered per pair.  ``sentence`` (B, Dv) is needed only
         for retrieval="none".  ``randomness``: keyed streams of the windows, queries and pairs (training only).
+        ``projected`` (W, Lv, D): the windows' ``video_proj`` output when the caller already holds it (inference
+        projects a whole video once, :mod:`rgnet.eval.inference`); ``video`` is then read only by frozen ranking.
         """
         if self.context_head is None and sentence is None:
             raise ValueError(
@@ -154,7 +157,7 @@ class RGNet(nn.Module):
                 "set data.sentence_features (or use model.retrieval=context)"
             )
         rng = randomness if self.training else None
-        frames = self.video_proj(video, rng.windows if rng else None)  # (P, Lv, D)
+        frames = self.video_proj(video, rng.windows if rng else None) if projected is None else projected  # (P, Lv, D)
         pos = video_positions(video_mask, self.cfg.hidden_dim, self.cfg.pos_temperature).to(frames.dtype)
         if self.cfg.compat == "released":
             text = released_token_norm(text)  # raw tokens in (data.normalize_text=false), normalised as released

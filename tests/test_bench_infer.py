@@ -1,0 +1,41 @@
+"""`rgnet bench` inference rows (in process, tiny sizes): per-Q latency, FLOPs per query, floor and the table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipelines import bench
+
+
+@pytest.mark.slow
+def test_inference_rows_count_flops_per_query_and_the_floor() -> None:
+    args = bench.build_parser().parse_args([*_tiny(), "--queries", "4", "1", "--repeats", "2"])
+    torch.set_num_threads(1)
+    r = bench.bench_infer(args, 2.0, 40)  # 2 minutes at 5 fps = 600 frames, windows of 40 at stride 20: 29 windows
+    assert (r["frames"], r["windows"], r["top_k"]) == (600, 29, 29)
+    assert [row["queries"] for row in r["by_queries"]] == [1, 4]  # ascending
+    assert [row["runs"] for row in r["by_queries"]] == [2, 1]  # repeats at Q = 1 only
+    flops, peak = r["flops"], r["matmul_peak"]
+    assert flops["project"] > 0 and flops["encode"] > 10 * flops["project"] and flops["decode"] > 0
+    assert peak["flops_per_s"] == max(v for k, v in peak.items() if k != "flops_per_s")
+    for row in r["by_queries"]:
+        q = row["queries"]
+        assert row["flops_per_query"] == pytest.approx(flops["project"] / q + flops["encode"] + flops["decode"])
+        assert row["latency_per_query_s"] == pytest.approx(row["total_s"] / q)
+        assert row["queries_per_s"] == pytest.approx(q / row["total_s"])
+        assert row["floor_per_query_s"] == pytest.approx(row["flops_per_query"] / peak["flops_per_s"])
+        assert row["latency_over_floor"] == pytest.approx(row["latency_per_query_s"] / row["floor_per_query_s"])
+        assert row["latency_over_floor"] > 1.0  # nothing beats the measured peak
+        assert row["predictions"] >= 1 and row["peak_rss_gib"] > 0
+    # the encoder FLOPs per query grow with the number of windows (a longer video)
+    longer = bench.bench_infer(bench.build_parser().parse_args([*_tiny(), "--queries", "1", "--repeats", "1"]), 4.0, 40)
+    assert longer["windows"] == 59
+    assert longer["flops"]["encode"] == pytest.approx(flops["encode"] * 59 / 29, rel=0.05)
+    table = bench.inference_table([r, longer])
+    assert table.count("\n| 40 | ") == 3 and "| 40 | 2 min | 29 | 4 |" in table
+    assert "Floor = FLOPs / matmul peak (fp32" in table
+
+
+def _tiny() -> list[str]:
+    return ["--preset", "tiny", "--feature-dim", "32", "--threads", "1", "--peak-seconds", "0.2"]
