@@ -93,15 +93,17 @@ def test_decoder_sees_only_top_k(trained) -> None:
     cfg, _ = trained
     model, _ = ckpt.load_model(f"{cfg.train.output_dir}/{cfg.train.run_name}/best.pt")
     item = next(iter_videos(open_split(cfg.data, cfg.data.val_split), cfg))
-    seen = []
+    seen: list[int] = []
     orig = model.decode
     model.decode = lambda enc, select=None: (seen.append(enc.memory.shape[0]), orig(enc, select))[1]  # type: ignore
     rows_small, _ = infer_video(
         model, item, cfg.eval.__class__(**{**cfg.eval.__dict__, "window_chunk": 1}), torch.device("cpu")
     )
+    decoded_small, seen[:] = sum(seen), []
     rows_big, _ = infer_video(model, item, cfg.eval, torch.device("cpu"))
     k = min(cfg.eval.top_k_windows, len(item.bounds))
-    assert seen == [k * len(item.records)] * 2
+    # the decoder runs in passes that bound its memory; in all, it decodes exactly k windows per query
+    assert decoded_small == sum(seen) == k * len(item.records)
     for a, b in zip(rows_small, rows_big):  # chunking changes nothing
         assert torch.allclose(torch.tensor(a.predictions), torch.tensor(b.predictions), atol=1e-5)
 
