@@ -67,7 +67,7 @@ def parameters_without_gradient(model: nn.Module, cfg: Config, fps: float) -> li
     """
     from rgnet.model import Criterion
 
-    spec = WindowSpec.from_config(cfg, fps)
+    spec = WindowSpec.from_config(cfg.windows, fps)
     w, dv, dt = spec.length, cfg.data.video_dim, cfg.data.text_dim
     items = []
     for _ in range(max(2, min(cfg.train.batch_size, 4))):

@@ -69,7 +69,7 @@ def one_step(cfg: Config) -> tuple[dict[str, float], set[torch.dtype], nn.Module
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim).to(device)
     criterion = Criterion(cfg.loss).to(device)
-    batches = TrainBatches(data, cfg)
+    batches = TrainBatches(data, windows=cfg.windows, train=cfg.train, loss=cfg.loss)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, batches.num_batches())
     # as fit() builds it: loss scaling only for fp16 (bf16 has fp32's exponent range)

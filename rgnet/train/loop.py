@@ -250,7 +250,7 @@ def evaluate_model(
         videos = list(dict.fromkeys(r.video_key for r in data.records))
         mine = set(videos[group.rank :: group.world])
         records = [r for r in data.records if r.video_key in mine]
-    rows = list(predict_split(bare, data, cfg, device, records=records, progress=progress))  # type: ignore[arg-type]
+    rows = list(predict_split(bare, data, cfg.windows, cfg.eval, device, records=records, progress=progress))  # type: ignore[arg-type]
     bare.train(was_training)
     if group.world > 1:
         rows = [row for part in group.gather_objects(rows) for row in part]

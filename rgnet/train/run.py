@@ -83,7 +83,7 @@ def train_local(cfg: Config, *, fresh: bool = False, test: bool = True) -> dict[
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim).to(device)
     ckpt.init_weights_from(model, cfg)  # train.init_from (fine-tuning); a resumed run's own checkpoint replaces it
-    batches = TrainBatches(train_data, cfg)
+    batches = TrainBatches(train_data, windows=cfg.windows, train=cfg.train, loss=cfg.loss)
     if batches.num_batches() == 0:
         raise ValueError(
             f"{len(train_data.records)} training queries make no full batch of train.batch_size={cfg.train.batch_size}"
