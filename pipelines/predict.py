@@ -267,7 +267,7 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
     from rgnet.data.dataset import open_split
     from rgnet.eval.metrics import evaluate_with, format_table
     from rgnet.eval.plots import draw_timeline, recall_vs_k, retrieval_vs_windows
-    from rgnet.eval.predictions import PredictionRow, parse_row
+    from rgnet.eval.predictions import PredictionRow, compact_row, parse_row
     from rgnet.io import atomic_open, atomic_write_json
 
     split = split_name(cfg, args.split)
@@ -320,7 +320,7 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
             for n, out in enumerate(_rows(ds), 1):
                 fh.write(out["row"] + "\n")
                 row = parse_row(json.loads(out["row"]), pred_path, n)
-                rows.append(compact(row))
+                rows.append(compact_row(row))
                 if out["timeline"]:
                     timelines.append(json.loads(out["timeline"]))
                 if n % 200 == 0:
@@ -378,16 +378,6 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
             tracking.finish(handle, status)
         if connected:
             ray.shutdown()
-
-
-def compact(row: Any) -> Any:
-    """The row with its predictions and windows as (n, 3) float64 arrays: what the metrics read, at a tenth of the
-    memory of nested lists (a MAD-size split holds 72k queries x 100 predictions x 100 windows)."""
-    from rgnet.eval.predictions import PredictionRow
-
-    preds = np.asarray(row.predictions, dtype=np.float64).reshape(-1, 3)
-    windows = None if row.windows is None else np.asarray(row.windows, dtype=np.float64).reshape(-1, 3)
-    return PredictionRow(row.query_id, row.video_id, preds, windows)  # type: ignore[arg-type]
 
 
 def _rows(ds: Any) -> Iterator[dict[str, str]]:

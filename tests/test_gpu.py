@@ -178,7 +178,7 @@ def test_batch_predict_on_a_gpu_actor(
     assert any("actor(s) (1 GPU each)" in m for m in said), said
 
     val = open_split(cfg.data, "val")
-    local, local_rows = evaluate_model(model.to(cuda), val, cfg, cuda)
+    local, local_rows = evaluate_model(model.to(cuda), val, cfg.windows, cfg.eval, cuda)
     report: dict[str, Any] = json.loads((out / "report.json").read_text())
     assert report["num_queries"] == len(val.records)
     rows = read_predictions(out / "predictions.jsonl")

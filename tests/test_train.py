@@ -50,7 +50,7 @@ def test_training_learns(trained) -> None:
     seed_everything(cfg.train.seed)
     untrained = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim)
     val = open_split(cfg.data, cfg.data.val_split)
-    base, _ = evaluate_model(untrained, val, cfg, torch.device("cpu"))
+    base, _ = evaluate_model(untrained, val, cfg.windows, cfg.eval, torch.device("cpu"))
     trained_m = reports["val"]["metrics"]
     assert trained_m["R1@0.3"] > base["metrics"]["R1@0.3"]
 
