@@ -308,7 +308,7 @@ def untrained_reports(cfg: Config, cache: Path) -> dict[str, Any]:
     model = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim).to(device)
     out = {}
     for name in SPLITS:
-        report, _ = evaluate_model(model, open_split(cfg.data, split_name(cfg, name)), cfg, device)
+        report, _ = evaluate_model(model, open_split(cfg.data, split_name(cfg, name)), cfg.windows, cfg.eval, device)
         out[name] = report
         atomic_write_json(cache / f"report_{name}.json", report)
     atomic_write_text(cache / "config.yaml", to_yaml(cfg))

@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ensure_configured_dataset(cfg.data)
     torch.set_num_threads(1)  # the consumer and the baseline: one thread each (collation is the only torch work)
     data = open_split(cfg.data, cfg.data.train_split)
-    local = TrainBatches(data, cfg)
+    local = TrainBatches(data, windows=cfg.windows, train=cfg.train, loss=cfg.loss)
     steps = local.num_batches()
     epochs = list(range(1, 1 + args.epochs))
     print(f"dataset {cfg.data.root}: {len(data.records)} train queries, {steps} global batches of "

@@ -56,7 +56,7 @@ class StepReader:
     def __init__(self, cfg: dict[str, Any], split: str) -> None:
         self.cfg = from_dict(cfg)
         self.data = open_split(self.cfg.data, split)
-        self.spec = WindowSpec.from_config(self.cfg, self.data.fps)
+        self.spec = WindowSpec.from_config(self.cfg.windows, self.data.fps)
         self._plan: tuple[int, np.ndarray] | None = None
 
     def plan(self, epoch: int) -> np.ndarray:
@@ -66,7 +66,9 @@ class StepReader:
         return self._plan[1]
 
     def __call__(self, step: int, epoch: int, rank: int, world: int) -> dict[str, Any]:
-        shard = read_shard(self.data, self.spec, self.cfg, self.plan(epoch), epoch, step, rank, world)
+        shard = read_shard(
+            self.data, self.spec, self.cfg.train, self.cfg.loss, self.plan(epoch), epoch, step, rank, world
+        )
         # text_mask travels as lengths (a bool tensor column is not needed); the worker rebuilds it
         out: dict[str, Any] = {k: v.numpy() for k, v in shard.items() if k != "text_mask"}
         out["text_len"] = shard["text_mask"].sum(dim=1).numpy()
@@ -110,7 +112,7 @@ def steps_dataset(cfg: Config, split: str, epochs: range, rank: int, world: int,
     ctx.execution_options.preserve_order = True  # rows in step order, whichever task finishes first
     ctx.enable_progress_bars = False
     data = open_split(cfg.data, split)  # metadata only: the window size in frames
-    per_block = steps_per_block(cfg, world, cfg.data.video_dim, WindowSpec.from_config(cfg, data.fps).length)
+    per_block = steps_per_block(cfg, world, cfg.data.video_dim, WindowSpec.from_config(cfg.windows, data.fps).length)
     data.close()
     rows = [{"epoch": e, "step": t} for e in epochs for t in range(num_steps)]
     return ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // per_block))).map(
@@ -206,7 +208,7 @@ class VideoPredictor:
         from rgnet.data.samples import video_item
         from rgnet.eval.inference import infer_video, window_rows
 
-        spec = WindowSpec.from_config(self.cfg, self.data.fps)
+        spec = WindowSpec.from_config(self.cfg.windows, self.data.fps)
         rows_out: list[str] = []
         timelines: list[str] = []
         for key, ids in zip(batch["video_key"], batch["query_ids"]):

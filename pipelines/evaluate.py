@@ -254,7 +254,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     split = split_name(cfg, args.split)
     device = resolve_device(cfg.train.device)
     data = open_split(cfg.data, split)
-    report, rows = evaluate_model(model.to(device), data, cfg, device, progress=cfg.train.progress)
+    report, rows = evaluate_model(model.to(device), data, cfg.windows, cfg.eval, device, progress=cfg.train.progress)
     report["checkpoint"] = str(args.checkpoint or args.model_uri)
     report["checkpoint_epoch"] = int(payload["epoch"])
     report["split"] = split

@@ -30,7 +30,7 @@ with one row per query; the fields are those of ``rgnet predict --video``:
 
 **Output**: a pandas DataFrame, one row per moment, ordered by query then rank: ``query_index`` (the query's position
 in the input), ``rank`` (1 = best), ``start_sec``, ``end_sec``, ``score`` -- exactly the moments ``rgnet predict
---checkpoint`` prints for the same inputs (both run :func:`pipelines.predict.ground_query`).
+--checkpoint`` prints for the same inputs (both run :func:`rgnet.predict.ground_query`).
 
 No MLflow signature is stored: the inputs are file references or arrays of any length, which MLflow's column schemas
 cannot describe without copying whole videos; the fields are checked here instead, and a bad one is an error naming
@@ -115,7 +115,7 @@ class RGNetPyfunc(mlflow.pyfunc.PythonModel):
     # The model_input annotation is pandas.DataFrame because MLflow then passes any input through unconverted (it
     # infers no schema from it); dicts and lists of dicts are accepted as well (module docstring).
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from pipelines.predict import ground_query
+        from rgnet.predict import ground_query
 
         out: list[tuple[int, int, float, float, float]] = []
         for i, row in enumerate(query_rows(model_input)):

@@ -135,129 +135,6 @@ def smoke_payload() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # One query
 # ---------------------------------------------------------------------------------------------------------------
-def format_answer(answer: Any) -> str:
-    lines = [
-        f"video {answer.video}: {answer.duration_sec:.1f} s at {answer.fps:g} fps; query: {answer.query!r}",
-        f"{'rank':>4}  {'start (s)':>10}  {'end (s)':>10}  {'score':>8}",
-    ]
-    for i, (s, e, p) in enumerate(answer.moments):
-        lines.append(f"{i + 1:>4}  {s:>10.2f}  {e:>10.2f}  {p:>8.4f}")
-    return "\n".join(lines)
-
-
-def draw_timeline(
-    out_dir: Path,
-    name: str,
-    *,
-    fps: float,
-    bounds: np.ndarray,
-    frame_scores: np.ndarray | None,
-    top_k_windows: int,
-    **query: Any,
-) -> Path:
-    """``out_dir/timeline_<name>.png`` (:func:`rgnet.eval.plots.query_timeline`) from window bounds in frames and the
-    per-frame sampling scores; ``query`` holds duration_sec, context_logit, gt, predictions and query."""
-    from rgnet.eval.plots import TIMELINE_PREDICTIONS, query_timeline
-
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
-    times = None if frame_scores is None else (np.arange(len(frame_scores)) + 0.5) / fps
-    return query_timeline(
-        out_dir / f"timeline_{safe}.png",
-        window_bounds_sec=bounds / fps,
-        frame_times_sec=times,
-        frame_scores=frame_scores,
-        top_k_windows=top_k_windows,
-        top_n=TIMELINE_PREDICTIONS,
-        **query,
-    )
-
-
-def timeline_plot(answer: Any, out_dir: Path, top_k_windows: int, name: str = "") -> Path:
-    from rgnet.eval.plots import frame_score_curve
-
-    frame_scores = None
-    if answer.scores.sampling_score is not None:
-        num_frames = int(answer.bounds[-1, 1])
-        frame_scores = frame_score_curve(answer.bounds, answer.scores.sampling_score[0].numpy(), num_frames)
-    return draw_timeline(
-        out_dir,
-        name or answer.video,
-        fps=answer.fps,
-        bounds=answer.bounds,
-        frame_scores=frame_scores,
-        top_k_windows=top_k_windows,
-        duration_sec=answer.duration_sec,
-        context_logit=answer.scores.context_logit[0].numpy(),
-        gt=None,
-        predictions=answer.moments,
-        query=answer.query,
-    )
-
-
-FeatureInput = str | np.ndarray  # "PATH[:KEY]" of a feature file, or the array itself
-
-
-def _features(value: FeatureInput, *, kind: str, dim: int, rank: int = 2) -> tuple[np.ndarray, str, float | None]:
-    """(float32 array, key, fps attribute or None) of a feature file spec or an in-memory array."""
-    from rgnet.predict import FeatureSource, check_features, read_features
-
-    if isinstance(value, str | Path):
-        return read_features(FeatureSource.parse(str(value)), kind=kind, dim=dim, rank=rank)
-    arr = np.asarray(value)
-    if kind == "sentence" and arr.ndim == 1:
-        arr = arr[None]  # (Dv,) -> (1, Dv)
-    return check_features(arr, source=f"the {kind} array", key=kind, kind=kind, dim=dim, rank=rank), kind, None
-
-
-def query_inputs(
-    model: Any,
-    cfg: Config,
-    *,
-    video: FeatureInput,
-    query: str | None = None,
-    query_features: FeatureInput | None = None,
-    sentence_features: FeatureInput | None = None,
-    fps: float | None = None,
-) -> dict[str, Any]:
-    """The arguments of :func:`rgnet.predict.ground` for one query: features read (file specs) or checked (arrays),
-    the rate resolved, the query's tokens read or encoded."""
-    from rgnet.predict import needs_sentence, resolve_fps, text_tokens
-
-    frames, key, stored_fps = _features(video, kind="video", dim=cfg.data.video_dim)
-    rate = resolve_fps(cfg, fps, stored_fps, video if isinstance(video, str) else "the video array")
-    if query_features is not None:
-        tokens, qkey, _ = _features(query_features, kind="text", dim=cfg.data.text_dim)
-        query = query or qkey
-    else:
-        tokens = text_tokens(cfg, query or "")
-    sentence = None
-    if sentence_features is not None:
-        sentence = _features(sentence_features, kind="sentence", dim=cfg.data.video_dim)[0][0]
-    elif needs_sentence(model, cfg):
-        raise ValueError(
-            "this model ranks windows by frozen-feature similarity (model.retrieval=none or eval.fusion=matching) "
-            "and needs the query's sentence feature: pass --sentence-features F[:KEY] (the MLflow model: "
-            "'sentence_features')"
-        )
-    return {
-        "frames": frames,
-        "fps": rate,
-        "tokens": tokens,
-        "video": key.rsplit("/", 1)[-1],
-        "query": query or "",
-        "sentence": sentence,
-    }
-
-
-def ground_query(model: Any, cfg: Config, *, top: int = 10, device: Any = None, **inputs: Any) -> Any:
-    """The top ``top`` moments of one query in one video (``inputs``: those of :func:`query_inputs`): what ``rgnet
-    predict --video`` and the logged MLflow model (:mod:`pipelines.mlflow_model`) both run; returns a
-    :class:`rgnet.predict.Grounding`."""
-    from rgnet.predict import ground
-
-    return ground(model, cfg, **query_inputs(model, cfg, **inputs), top_n=top, device=device)
-
-
 def predict_one(args: argparse.Namespace, model: Any, cfg: Config) -> dict[str, Any]:
     from rgnet.io import atomic_write_json
     from rgnet.train.loop import resolve_device
@@ -268,7 +145,7 @@ def predict_one(args: argparse.Namespace, model: Any, cfg: Config) -> dict[str, 
         raise ValueError("give the sentence with --query (and --query-features for models without a text encoder)")
     if args.top < 1:
         raise ValueError(f"--top must be >= 1, got {args.top}")
-    from rgnet.predict import ground
+    from rgnet.predict import format_answer, ground, query_inputs, timeline_plot
 
     inputs = query_inputs(
         model,
@@ -306,16 +183,24 @@ def predict_many(args: argparse.Namespace, model: Any, cfg: Config) -> list[dict
     """``--queries FILE``: every query of the file on the one ``--video``; JSON Lines out (``--json``), one object per
     query: its ``id`` and the fields ``--json`` writes for one query (``seconds``: the batch's time per query)."""
     from rgnet.io import atomic_open
-    from rgnet.predict import ground_many, needs_sentence, read_queries, resolve_fps
+    from rgnet.predict import (
+        feature_input,
+        format_answer,
+        ground_many,
+        needs_sentence,
+        read_queries,
+        resolve_fps,
+        timeline_plot,
+    )
     from rgnet.train.loop import resolve_device
 
     if args.query is not None or args.query_features or args.sentence_features:
         raise ValueError("--queries FILE holds the queries: drop --query, --query-features and --sentence-features")
     if args.top < 1:
         raise ValueError(f"--top must be >= 1, got {args.top}")
-    lines = read_queries(args.queries, cfg, sentence_needed=needs_sentence(model, cfg))
-    frames, key, stored_fps = _features(args.video, kind="video", dim=cfg.data.video_dim)
-    fps = resolve_fps(cfg, args.fps, stored_fps, args.video)
+    lines = read_queries(args.queries, cfg.data, sentence_needed=needs_sentence(model, cfg.eval))
+    frames, key, stored_fps = feature_input(args.video, kind="video", dim=cfg.data.video_dim)
+    fps = resolve_fps(cfg.data, args.fps, stored_fps, args.video)
     video = key.rsplit("/", 1)[-1]
     device = resolve_device(cfg.train.device)
     t0 = time.perf_counter()
@@ -381,8 +266,8 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
     from pipelines.runtime import init_ray
     from rgnet.data.dataset import open_split
     from rgnet.eval.metrics import evaluate_with, format_table
-    from rgnet.eval.plots import recall_vs_k, retrieval_vs_windows
-    from rgnet.eval.predictions import PredictionRow, parse_row
+    from rgnet.eval.plots import draw_timeline, recall_vs_k, retrieval_vs_windows
+    from rgnet.eval.predictions import PredictionRow, compact_row, parse_row
     from rgnet.io import atomic_open, atomic_write_json
 
     split = split_name(cfg, args.split)
@@ -435,7 +320,7 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
             for n, out in enumerate(_rows(ds), 1):
                 fh.write(out["row"] + "\n")
                 row = parse_row(json.loads(out["row"]), pred_path, n)
-                rows.append(compact(row))
+                rows.append(compact_row(row))
                 if out["timeline"]:
                     timelines.append(json.loads(out["timeline"]))
                 if n % 200 == 0:
@@ -493,16 +378,6 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
             tracking.finish(handle, status)
         if connected:
             ray.shutdown()
-
-
-def compact(row: Any) -> Any:
-    """The row with its predictions and windows as (n, 3) float64 arrays: what the metrics read, at a tenth of the
-    memory of nested lists (a MAD-size split holds 72k queries x 100 predictions x 100 windows)."""
-    from rgnet.eval.predictions import PredictionRow
-
-    preds = np.asarray(row.predictions, dtype=np.float64).reshape(-1, 3)
-    windows = None if row.windows is None else np.asarray(row.windows, dtype=np.float64).reshape(-1, 3)
-    return PredictionRow(row.query_id, row.video_id, preds, windows)  # type: ignore[arg-type]
 
 
 def _rows(ds: Any) -> Iterator[dict[str, str]]:

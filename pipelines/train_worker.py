@@ -67,7 +67,7 @@ def parameters_without_gradient(model: nn.Module, cfg: Config, fps: float) -> li
     """
     from rgnet.model import Criterion
 
-    spec = WindowSpec.from_config(cfg, fps)
+    spec = WindowSpec.from_config(cfg.windows, fps)
     w, dv, dt = spec.length, cfg.data.video_dim, cfg.data.text_dim
     items = []
     for _ in range(max(2, min(cfg.train.batch_size, 4))):
@@ -133,7 +133,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     seed_everything(t.seed)  # the same initial weights on every rank
     model: nn.Module = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim)
-    ckpt.init_weights_from(model, cfg)  # train.init_from (fine-tuning); Ray's resume checkpoint replaces it
+    ckpt.init_weights_from(
+        model, cfg.train, cfg.model
+    )  # train.init_from (fine-tuning); Ray's resume checkpoint replaces it
     unused = parameters_without_gradient(model, cfg, fps)
     if unused and rank == 0:
         more = ", ..." if len(unused) > 5 else ""

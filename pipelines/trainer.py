@@ -244,7 +244,7 @@ def finish_training(cfg: Config, result: Any, splits: dict[str, Any], handle: An
     for name, data in splits.items():
         if name == "train":
             continue
-        report, rows = evaluate_model(model.to(device), data, cfg, device)
+        report, rows = evaluate_model(model.to(device), data, cfg.windows, cfg.eval, device)
         atomic_write_json(run_dir / f"report_{name}.json", report)
         write_predictions(run_dir / f"predictions_{name}.jsonl", rows)
         table = f"{name} split ({data.split}), best checkpoint (epoch {best_epoch}):\n{format_table(report)}"

@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from rgnet.config import Config
+from rgnet.config import Config, DataConfig, EvalConfig
 from rgnet.data.formats import DEFAULT_FPS
 from rgnet.data.records import DataError, QueryRecord
 from rgnet.data.samples import VideoItem, WindowSpec
 from rgnet.data.windows import window_bounds
-from rgnet.eval.inference import VideoScores, infer_video
+from rgnet.eval.inference import VideoScores, infer_video, window_rows
 from rgnet.model.rgnet import RGNet
 
 log = logging.getLogger(__name__)
@@ -176,16 +176,16 @@ def prepare_tokens(tokens: np.ndarray, max_tokens: int, normalize: bool) -> np.n
     return tokens.astype(np.float32, copy=False)
 
 
-def training_fps(cfg: Config) -> float | None:
+def training_fps(data_cfg: DataConfig) -> float | None:
     """The feature rate the model was trained at, when the config says (data.fps or the layout's rate)."""
-    if cfg.data.fps > 0:
-        return float(cfg.data.fps)
-    return DEFAULT_FPS.get(cfg.data.layout)
+    if data_cfg.fps > 0:
+        return float(data_cfg.fps)
+    return DEFAULT_FPS.get(data_cfg.layout)
 
 
-def resolve_fps(cfg: Config, given: float | None, stored: float | None, source: object) -> float:
+def resolve_fps(data_cfg: DataConfig, given: float | None, stored: float | None, source: object) -> float:
     """``--fps``, else the file's ``fps`` attribute, else the training rate; warns when they disagree."""
-    trained = training_fps(cfg)
+    trained = training_fps(data_cfg)
     fps = given or stored or trained
     if fps is None or fps <= 0:
         raise DataError(
@@ -204,10 +204,10 @@ def resolve_fps(cfg: Config, given: float | None, stored: float | None, source: 
     return float(fps)
 
 
-def needs_sentence(model: RGNet, cfg: Config) -> bool:
+def needs_sentence(model: RGNet, eval_cfg: EvalConfig) -> bool:
     """Frozen-feature ranking (model.retrieval=none, the disjoint baseline) and eval.fusion=matching need a
     sentence feature in the video tower's space."""
-    return model.context_head is None or cfg.eval.fusion == "matching"
+    return model.context_head is None or eval_cfg.fusion == "matching"
 
 
 @dataclass
@@ -307,7 +307,7 @@ def ground_many(
         raise ValueError("tokens, queries and sentences must have one entry per query")
     device = device or torch.device("cpu")
     duration = frames.shape[0] / fps
-    spec = WindowSpec.from_config(cfg, fps)
+    spec = WindowSpec.from_config(cfg.windows, fps)
     records = [
         QueryRecord(
             query_id=f"query{i}",
@@ -333,13 +333,9 @@ def ground_many(
     )
     eval_cfg = replace(cfg.eval, max_predictions=top_n)
     rows, scores = infer_video(model, item, eval_cfg, device, keep_sampling_scores=keep_sampling_scores)
-    bounds_sec = item.bounds / fps
     answers = []
-    for i, (name, row) in enumerate(zip(names, rows)):
-        logit = scores.context_logit[i]
-        order = torch.sort(logit, descending=True, stable=True).indices.numpy()
-        prob = torch.sigmoid(logit.double()).numpy()
-        windows = [[float(bounds_sec[j, 0]), float(bounds_sec[j, 1]), float(prob[j])] for j in order]
+    for i, (name, row) in enumerate(zip(names, window_rows(item, scores, rows))):
+        windows = row.windows or []  # ranked by window_rows
         own = VideoScores(
             scores.context_logit[i : i + 1], None if scores.sampling_score is None else scores.sampling_score[i : i + 1]
         )
@@ -347,25 +343,137 @@ def ground_many(
     return answers
 
 
-def text_tokens(cfg: Config, query: str) -> np.ndarray:
+# ---------------------------------------------------------------------------------------------------------------
+# One query from files or arrays: what ``rgnet predict --video`` and the logged MLflow model run
+# ---------------------------------------------------------------------------------------------------------------
+FeatureInput = str | Path | np.ndarray  # "PATH[:KEY]" of a feature file, or the array itself
+
+
+def feature_input(value: FeatureInput, *, kind: str, dim: int, rank: int = 2) -> tuple[np.ndarray, str, float | None]:
+    """(float32 array, key, fps attribute or None) of a feature file spec (:func:`read_features`) or of an in-memory
+    array (:func:`check_features`; a 1-d sentence feature becomes one row)."""
+    if isinstance(value, str | Path):
+        return read_features(FeatureSource.parse(str(value)), kind=kind, dim=dim, rank=rank)
+    arr = np.asarray(value)
+    if kind == "sentence" and arr.ndim == 1:
+        arr = arr[None]  # (Dv,) -> (1, Dv)
+    return check_features(arr, source=f"the {kind} array", key=kind, kind=kind, dim=dim, rank=rank), kind, None
+
+
+def query_inputs(
+    model: RGNet,
+    cfg: Config,
+    *,
+    video: FeatureInput,
+    query: str | None = None,
+    query_features: FeatureInput | None = None,
+    sentence_features: FeatureInput | None = None,
+    fps: float | None = None,
+) -> dict[str, Any]:
+    """The arguments of :func:`ground` for one query: features read (file specs) or checked (arrays), the rate
+    resolved (:func:`resolve_fps`), the query's tokens read or encoded (:func:`text_tokens`)."""
+    frames, key, stored_fps = feature_input(video, kind="video", dim=cfg.data.video_dim)
+    rate = resolve_fps(cfg.data, fps, stored_fps, video if isinstance(video, str) else "the video array")
+    if query_features is not None:
+        tokens, qkey, _ = feature_input(query_features, kind="text", dim=cfg.data.text_dim)
+        query = query or qkey
+    else:
+        tokens = text_tokens(cfg.data, query or "")
+    sentence = None
+    if sentence_features is not None:
+        sentence = feature_input(sentence_features, kind="sentence", dim=cfg.data.video_dim)[0][0]
+    elif needs_sentence(model, cfg.eval):
+        raise ValueError(
+            "this model ranks windows by frozen-feature similarity (model.retrieval=none or eval.fusion=matching) "
+            "and needs the query's sentence feature: pass --sentence-features F[:KEY] (the MLflow model: "
+            "'sentence_features')"
+        )
+    return {
+        "frames": frames,
+        "fps": rate,
+        "tokens": tokens,
+        "video": key.rsplit("/", 1)[-1],
+        "query": query or "",
+        "sentence": sentence,
+    }
+
+
+def ground_query(
+    model: RGNet,
+    cfg: Config,
+    *,
+    top: int = 10,
+    device: torch.device | None = None,
+    keep_sampling_scores: bool = False,
+    **inputs: Any,
+) -> Grounding:
+    """The top ``top`` moments of one query in one video, ``inputs`` being those of :func:`query_inputs` (files or
+    arrays): what ``rgnet predict --video`` and the logged MLflow model (``pipelines.mlflow_model``) both run."""
+    return ground(
+        model,
+        cfg,
+        **query_inputs(model, cfg, **inputs),
+        top_n=top,
+        device=device,
+        keep_sampling_scores=keep_sampling_scores,
+    )
+
+
+def format_answer(answer: Grounding) -> str:
+    """The answer as a text table: the video and query, then one line per moment (rank, start, end, score)."""
+    lines = [
+        f"video {answer.video}: {answer.duration_sec:.1f} s at {answer.fps:g} fps; query: {answer.query!r}",
+        f"{'rank':>4}  {'start (s)':>10}  {'end (s)':>10}  {'score':>8}",
+    ]
+    for i, (s, e, p) in enumerate(answer.moments):
+        lines.append(f"{i + 1:>4}  {s:>10.2f}  {e:>10.2f}  {p:>8.4f}")
+    return "\n".join(lines)
+
+
+def timeline_plot(answer: Grounding, out_dir: str | Path, top_k_windows: int, name: str = "") -> Path:
+    """The answer's timeline plot (:func:`rgnet.eval.plots.draw_timeline`) in ``out_dir``, named after ``name``
+    (default: the video): window context scores, and the frame sampling scores when the answer kept them
+    (``keep_sampling_scores``)."""
+    from rgnet.eval.plots import draw_timeline, frame_score_curve
+
+    frame_scores = None
+    if answer.scores.sampling_score is not None:
+        num_frames = int(answer.bounds[-1, 1])
+        frame_scores = frame_score_curve(answer.bounds, answer.scores.sampling_score[0].numpy(), num_frames)
+    return draw_timeline(
+        out_dir,
+        name or answer.video,
+        fps=answer.fps,
+        bounds=answer.bounds,
+        frame_scores=frame_scores,
+        top_k_windows=top_k_windows,
+        duration_sec=answer.duration_sec,
+        context_logit=answer.scores.context_logit[0].numpy(),
+        gt=None,
+        predictions=answer.moments,
+        query=answer.query,
+    )
+
+
+def text_tokens(data_cfg: DataConfig, query: str) -> np.ndarray:
     """Token features of raw text with the model's text encoder (``data.text_encoder``)."""
-    return text_tokens_many(cfg, [query])[0]
+    return text_tokens_many(data_cfg, [query])[0]
 
 
-def text_tokens_many(cfg: Config, queries: Sequence[str]) -> list[np.ndarray]:
+def text_tokens_many(data_cfg: DataConfig, queries: Sequence[str]) -> list[np.ndarray]:
     """Token features (L_i, Dt) of each sentence with the model's text encoder (``data.text_encoder``), in batches."""
     from rgnet.text import get_text_encoder
 
     for q in queries:
         if not q.strip():
             raise ValueError("the query is empty: give a sentence with --query")
-    if not cfg.data.text_encoder:
+    if not data_cfg.text_encoder:
         raise ValueError(
-            f"this model reads precomputed {cfg.data.text_dim}-d query token features (it was trained without "
+            f"this model reads precomputed {data_cfg.text_dim}-d query token features (it was trained without "
             "data.text_encoder): pass --query-features FILE[:KEY] from the same text extractor (MAD: CLIP token "
             "features), or train with data.text_encoder=minilm data.text_dim=384 to query with raw text"
         )
-    return get_text_encoder(cfg.data.text_encoder).encode(list(queries))
+    return get_text_encoder(data_cfg.text_encoder).encode(list(queries))
 
 
 @dataclass
@@ -381,7 +489,7 @@ class QueryLine:
 QUERY_LINE_FORMAT = '{"id": ..., "query": "a sentence"} or {"id": ..., "query_features": "FEATURES.h5:KEY"}'
 
 
-def read_queries(path: str | Path, cfg: Config, *, sentence_needed: bool = False) -> list[QueryLine]:
+def read_queries(path: str | Path, data_cfg: DataConfig, *, sentence_needed: bool = False) -> list[QueryLine]:
     """The queries of a JSON Lines file, one object per line: ``{"id": ..., "query": "a sentence"}`` (models with a
     text encoder) or ``{"id": ..., "query_features": "FEATURES.h5:KEY"}`` (both: the sentence labels the features),
     plus ``"sentence_features"`` for frozen-feature ranking models.  Relative feature paths are relative to the
@@ -438,17 +546,19 @@ def read_queries(path: str | Path, cfg: Config, *, sentence_needed: bool = False
     encoded: dict[int, np.ndarray] = {}
     if to_encode:
         try:
-            encoded = dict(zip((n for n, _ in to_encode), text_tokens_many(cfg, [o["query"] for _, o in to_encode])))
+            encoded = dict(
+                zip((n for n, _ in to_encode), text_tokens_many(data_cfg, [o["query"] for _, o in to_encode]))
+            )
         except ValueError as e:
             raise DataError(f"{path}, line {to_encode[0][0]}", str(e), field="query") from e
     out = []
     for n, obj in lines:
         if obj.get("query_features") is not None:
-            tokens = features(n, obj["query_features"], "query_features", "text", cfg.data.text_dim)
+            tokens = features(n, obj["query_features"], "query_features", "text", data_cfg.text_dim)
         else:
             tokens = encoded[n]
         sentence = None
         if obj.get("sentence_features") is not None:
-            sentence = features(n, obj["sentence_features"], "sentence_features", "sentence", cfg.data.video_dim)[0]
+            sentence = features(n, obj["sentence_features"], "sentence_features", "sentence", data_cfg.video_dim)[0]
         out.append(QueryLine(obj["id"], str(obj.get("query") or obj["query_features"]), tokens, sentence))
     return out

@@ -180,7 +180,9 @@ def test_untrained_rows_are_the_seeded_initial_models(table) -> None:
         cfg = load_config(config_file=out / "full" / f"seed{seed}" / "config.yaml")
         seed_everything(seed)
         model = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim)
-        report, _ = evaluate_model(model, open_split(cfg.data, cfg.data.test_split), cfg, torch.device("cpu"))
+        report, _ = evaluate_model(
+            model, open_split(cfg.data, cfg.data.test_split), cfg.windows, cfg.eval, torch.device("cpu")
+        )
         (row,) = [r for r in rows if r["variant"] == "untrained" and r["seed"] == seed]
         assert row["test"] == report["metrics"]
 

@@ -30,7 +30,7 @@ VARIANTS = {
 
 def _item(cfg: Config, num_queries: int, frames_n: int, seed: int) -> VideoItem:
     rng = np.random.default_rng(seed)
-    spec = WindowSpec.from_config(cfg, 2.0)
+    spec = WindowSpec.from_config(cfg.windows, 2.0)
     duration = frames_n / 2.0
     return VideoItem(
         video_key="v",

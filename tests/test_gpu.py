@@ -69,7 +69,7 @@ def one_step(cfg: Config) -> tuple[dict[str, float], set[torch.dtype], nn.Module
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim).to(device)
     criterion = Criterion(cfg.loss).to(device)
-    batches = TrainBatches(data, cfg)
+    batches = TrainBatches(data, windows=cfg.windows, train=cfg.train, loss=cfg.loss)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, batches.num_batches())
     # as fit() builds it: loss scaling only for fp16 (bf16 has fp32's exponent range)
@@ -178,7 +178,7 @@ def test_batch_predict_on_a_gpu_actor(
     assert any("actor(s) (1 GPU each)" in m for m in said), said
 
     val = open_split(cfg.data, "val")
-    local, local_rows = evaluate_model(model.to(cuda), val, cfg, cuda)
+    local, local_rows = evaluate_model(model.to(cuda), val, cfg.windows, cfg.eval, cuda)
     report: dict[str, Any] = json.loads((out / "report.json").read_text())
     assert report["num_queries"] == len(val.records)
     rows = read_predictions(out / "predictions.jsonl")

@@ -77,7 +77,7 @@ def test_inference_equals_the_plain_two_stage_reference(tmp_path: Path, kernels:
     frames = rng.standard_normal((211, cfg.data.video_dim)).astype(np.float32)  # the last window is padded
     tokens = random_queries(cfg, 5, seed=4)
     answers = ground_many(model, cfg, frames, 2.0, tokens)
-    spec = WindowSpec.from_config(cfg, 2.0)
+    spec = WindowSpec.from_config(cfg.windows, 2.0)
     bounds = window_bounds(len(frames), spec.length, spec.stride)
     windows, mask = gather_windows(torch.from_numpy(frames), bounds, spec.length)
     assert not bool(mask.all())

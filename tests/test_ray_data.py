@@ -39,7 +39,7 @@ def test_rank_streams_are_the_parts_of_the_local_steps(ray_session: str, tiny: C
 
 
 def _check(cfg: Config, data: SplitData, streams: list[WorkerSteps], epoch: int, steps: int) -> None:
-    local = list(TrainBatches(data, cfg).epoch(epoch))
+    local = list(TrainBatches(data, windows=cfg.windows, train=cfg.train, loss=cfg.loss).epoch(epoch))
     parts = [list(stream.epoch(epoch)) for stream in streams]
     assert len(local) == len(parts[0]) == len(parts[1]) == steps
     for step, whole in enumerate(local):
@@ -49,7 +49,7 @@ def _check(cfg: Config, data: SplitData, streams: list[WorkerSteps], epoch: int,
             for key, value in part.items():  # every field, bit for bit; texts padded to the global batch's length
                 torch.testing.assert_close(value, whole[key][rows], rtol=0, atol=0, msg=f"step {step} {key}")
     # the stream goes on into the next epoch: its steps are the local loader's too, and another plan
-    following = list(TrainBatches(data, cfg).epoch(epoch + 1))
+    following = list(TrainBatches(data, windows=cfg.windows, train=cfg.train, loss=cfg.loss).epoch(epoch + 1))
     nxt = list(streams[0].epoch(epoch + 1))
     torch.testing.assert_close(nxt[0]["video"], following[0]["video"][:4], rtol=0, atol=0)
     assert not torch.equal(nxt[0]["text_key"], parts[0][0]["text_key"])

@@ -54,7 +54,7 @@ def test_batch_predict_equals_the_local_evaluator(ray_session: str, tmp_path: Pa
     assert rc == 0
 
     val = open_split(cfg.data, "val")
-    local, local_rows = evaluate_model(model, val, cfg, torch.device("cpu"))
+    local, local_rows = evaluate_model(model, val, cfg.windows, cfg.eval, torch.device("cpu"))
     report = json.loads((out / "report.json").read_text())
     assert report["num_queries"] == len(val.records) == 32
     assert report["metrics"] == local["metrics"]  # same checkpoint, same numbers

@@ -466,34 +466,38 @@ def tiny(tmp_path: Path, *overrides: str) -> Config:
 
 def test_init_weights_from_loads_weights_and_checks_shapes(tmp_path: Path) -> None:
     cfg = tiny(tmp_path)
+
+    def init(model: torch.nn.Module, c: Config) -> bool:  # the two sections it reads
+        return ckpt.init_weights_from(model, c.train, c.model)
+
     seed_everything(1)
     source = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim)
     path = ckpt.save_checkpoint(ckpt.make_payload(source, cfg, epoch=3, global_step=9), tmp_path / "a.pt")
     seed_everything(2)
     model = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim)
-    assert not ckpt.init_weights_from(model, cfg)  # empty key: nothing happens
-    assert ckpt.init_weights_from(model, from_dict({"train": {"init_from": str(path)}}, cfg))
+    assert not init(model, cfg)  # empty key: nothing happens
+    assert init(model, from_dict({"train": {"init_from": str(path)}}, cfg))
     for (k, a), (_, b) in zip(source.state_dict().items(), model.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
     # a model of another shape: every mismatching tensor is named, with both shapes
     more = from_dict({"model": {"num_queries": 4}, "train": {"init_from": str(path)}}, cfg)
     with pytest.raises(ConfigError, match=r"\(1 problem\(s\)\):\n  tensor 'decoder.anchors.weight' has shape \(3, 2\), "
                        r"the model expects \(4, 2\)$"):  # fmt: skip
-        ckpt.init_weights_from(build_model(more.model, 32, 48), more)
+        init(build_model(more.model, 32, 48), more)
     deeper = from_dict({"model": {"decoder_layers": 3}, "train": {"init_from": str(path)}}, cfg)
     with pytest.raises(
         ConfigError, match=r"missing tensor 'decoder.layers.2.sa_q_content.weight' \(shape \(32, 32\)\)"
     ):
-        ckpt.init_weights_from(build_model(deeper.model, 32, 48), deeper)
+        init(build_model(deeper.model, 32, 48), deeper)
     with pytest.raises(FileNotFoundError, match="absolute path"):
-        ckpt.init_weights_from(model, from_dict({"train": {"init_from": str(tmp_path / "nope.pt")}}, cfg))
+        init(model, from_dict({"train": {"init_from": str(tmp_path / "nope.pt")}}, cfg))
     # a released file must be imported first
     rcfg = small_cfg()
     released = save_released(
         tmp_path / "r.ckpt", released_state(build_model(rcfg, DV, DT), rcfg, DV, DT, MAX_Q), released_options(rcfg)
     )
     with pytest.raises(ConfigError, match="rgnet import released"):
-        ckpt.init_weights_from(model, from_dict({"train": {"init_from": str(released)}}, cfg))
+        init(model, from_dict({"train": {"init_from": str(released)}}, cfg))
 
 
 def test_run_local_starts_from_init_from_with_a_fresh_optimizer_and_resume_wins(tmp_path: Path) -> None:
@@ -591,7 +595,9 @@ def test_cli_import_then_evaluate_and_predict(tmp_path: Path, capsys: pytest.Cap
     argv = ["--checkpoint", str(out / "checkpoint.pt"), "--split", "val", "--set", *over, "--out", str(report)]
     assert evaluate_cli.main(argv) == 0
     eval_cfg = from_dict({"data": {"layout": "native", "root": data.data.root}}, cfg)
-    expected, _ = evaluate_model(original.eval(), open_split(eval_cfg.data, "val"), eval_cfg, torch.device("cpu"))
+    expected, _ = evaluate_model(
+        original.eval(), open_split(eval_cfg.data, "val"), eval_cfg.windows, eval_cfg.eval, torch.device("cpu")
+    )
     assert json.loads(report.read_text())["metrics"] == expected["metrics"]
 
     # rgnet predict --checkpoint, one query: the released model reads raw tokens and normalises them itself

@@ -96,7 +96,9 @@ def _local(cfg: Config) -> list[dict]:
     try:
         seed_everything(cfg.train.seed)
         model = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim)
-        batches = TrainBatches(open_split(cfg.data, cfg.data.train_split), cfg).epoch(0)
+        batches = TrainBatches(
+            open_split(cfg.data, cfg.data.train_split), windows=cfg.windows, train=cfg.train, loss=cfg.loss
+        ).epoch(0)
         return _run_steps(cfg, batches, model, SOLO, torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)

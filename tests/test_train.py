@@ -50,7 +50,7 @@ def test_training_learns(trained) -> None:
     seed_everything(cfg.train.seed)
     untrained = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim)
     val = open_split(cfg.data, cfg.data.val_split)
-    base, _ = evaluate_model(untrained, val, cfg, torch.device("cpu"))
+    base, _ = evaluate_model(untrained, val, cfg.windows, cfg.eval, torch.device("cpu"))
     trained_m = reports["val"]["metrics"]
     assert trained_m["R1@0.3"] > base["metrics"]["R1@0.3"]
 
@@ -67,7 +67,7 @@ def test_checkpoint_round_trip_and_cli_evaluate(trained, tmp_path) -> None:
     # save -> load -> identical outputs
     path = ckpt.save_checkpoint(ckpt.make_payload(model, cfg, epoch=1, global_step=5), tmp_path / "c.pt")
     again, _ = ckpt.load_model(path)
-    item = next(iter_videos(open_split(cfg.data, cfg.data.val_split), cfg))
+    item = next(iter_videos(open_split(cfg.data, cfg.data.val_split), cfg.windows))
     rows_a, _ = infer_video(model, item, cfg.eval, torch.device("cpu"))
     rows_b, _ = infer_video(again, item, cfg.eval, torch.device("cpu"))
     assert [r.predictions for r in rows_a] == [r.predictions for r in rows_b]
@@ -77,7 +77,7 @@ def test_checkpoint_round_trip_and_cli_evaluate(trained, tmp_path) -> None:
 def test_predictions_are_valid(trained) -> None:
     cfg, _ = trained
     model, _ = ckpt.load_model(f"{cfg.train.output_dir}/{cfg.train.run_name}/best.pt")
-    for item in iter_videos(open_split(cfg.data, cfg.data.val_split), cfg):
+    for item in iter_videos(open_split(cfg.data, cfg.data.val_split), cfg.windows):
         rows, scores = infer_video(model, item, cfg.eval, torch.device("cpu"))
         assert scores.context_logit.shape == (len(item.records), len(item.bounds))
         for row in rows:
@@ -92,7 +92,7 @@ def test_decoder_sees_only_top_k(trained) -> None:
     """Decoder work is top_k windows per query, whatever the number of windows or the chunk size."""
     cfg, _ = trained
     model, _ = ckpt.load_model(f"{cfg.train.output_dir}/{cfg.train.run_name}/best.pt")
-    item = next(iter_videos(open_split(cfg.data, cfg.data.val_split), cfg))
+    item = next(iter_videos(open_split(cfg.data, cfg.data.val_split), cfg.windows))
     seen: list[int] = []
     orig = model.decode
     model.decode = lambda enc, select=None: (seen.append(enc.memory.shape[0]), orig(enc, select))[1]  # type: ignore

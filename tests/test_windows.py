@@ -15,6 +15,7 @@ from rgnet.data.windows import (
     num_windows,
     overlap_mask,
     positive_windows,
+    rank_windows,
     sec_to_frame,
     window_bounds,
     window_cw_to_sec,
@@ -168,6 +169,17 @@ def test_window_cw_to_sec_batched_tensor() -> None:
     torch.testing.assert_close(sec, torch.tensor([[[12.0, 36.0], [0.0, 48.0]], [[24.0, 40.0], [56.0, 56.0]]]))
     # scalars work too, and numpy matches torch
     np.testing.assert_allclose(window_cw_to_sec(span_cw.numpy()[1], 45, 60, 1.875), sec[1].numpy())
+
+
+def test_rank_windows_best_first_ties_in_window_order() -> None:
+    logit = torch.tensor([[0.5, 2.0, 0.5, -1.0, 2.0], [0.0, 0.0, 0.0, 0.0, 1.0]])  # (q=2, P=5)
+    order = rank_windows(logit)
+    assert order.tolist() == [[1, 4, 0, 2, 3], [4, 0, 1, 2, 3]]
+    # an array (e.g. a timeline's float64 logits) ranks the same way, as an array
+    assert rank_windows(logit.double().numpy()[0]).tolist() == [1, 4, 0, 2, 3]
+    assert isinstance(rank_windows(np.array([1.0, 3.0])), np.ndarray)
+    # saturated sigmoids tie, logits do not: the ranking is by the logit
+    assert rank_windows(np.array([40.0, 50.0, 45.0])).tolist() == [1, 2, 0]
 
 
 def test_sec_frame_round_trip() -> None:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rgnet.config import Config
+from rgnet.config import LossConfig, TrainConfig, WindowConfig
 from rgnet.data.dataset import SplitData
 from rgnet.data.records import QueryRecord
 from rgnet.data.windows import clip_to_window_cw, positive_windows, window_bounds, window_frames
@@ -47,8 +47,9 @@ class WindowSpec:
     fps: float
 
     @classmethod
-    def from_config(cls, cfg: Config, fps: float) -> WindowSpec:
-        length, stride = window_frames(cfg.windows.length_sec, cfg.windows.stride_sec, fps)
+    def from_config(cls, windows: WindowConfig, fps: float) -> WindowSpec:
+        """The ``windows`` section's length and stride in seconds, as frames at ``fps``."""
+        length, stride = window_frames(windows.length_sec, windows.stride_sec, fps)
         return cls(length, stride, fps)
 
 
@@ -165,7 +166,15 @@ def train_item(
 
 
 def read_shard(
-    data: SplitData, spec: WindowSpec, cfg: Config, plan: np.ndarray, epoch: int, step: int, rank: int, world: int
+    data: SplitData,
+    spec: WindowSpec,
+    train: TrainConfig,
+    loss: LossConfig,
+    plan: np.ndarray,
+    epoch: int,
+    step: int,
+    rank: int,
+    world: int,
 ) -> dict[str, Tensor]:
     """Rank ``rank``'s part of global step ``step`` (``plan``: the epoch's :func:`epoch_plan`), collated.
 
@@ -173,16 +182,16 @@ def read_shard(
     shapes one process would have: a row's random draws and the kernels' summation order then do not depend on the
     sharding.
     """
-    part = shard_slice(cfg.train.batch_size, rank, world)
-    key = step_key(cfg.train.seed, epoch, step)
-    need_negative = cfg.loss.negatives in ("same_video", "both")
+    part = shard_slice(train.batch_size, rank, world)
+    key = step_key(train.seed, epoch, step)
+    need_negative = loss.negatives in ("same_video", "both")
     text_length = max(data.text_length(data.records[int(i)].query_key) for i in plan[step])
     items = [
         train_item(
             data,
             data.records[int(plan[step, slot])],
             spec,
-            seed=cfg.train.seed,
+            seed=train.seed,
             epoch=epoch,
             key=key,
             slot=slot,
@@ -293,24 +302,26 @@ def collate_train(items: Sequence[dict[str, np.ndarray]], negatives: str) -> dic
 
 class TrainBatches:
     """The epoch's global steps read in this one process (``rgnet train --local``): rank 0 of 1, each batch the
-    collated :func:`read_shard` of the whole global batch (``assemble_step`` makes the model batch)."""
+    collated :func:`read_shard` of the whole global batch (``assemble_step`` makes the model batch).  Reads the
+    config's ``windows`` (geometry), ``train`` (batch size, seed, steps) and ``loss`` (negatives) sections."""
 
-    def __init__(self, data: SplitData, cfg: Config) -> None:
+    def __init__(self, data: SplitData, *, windows: WindowConfig, train: TrainConfig, loss: LossConfig) -> None:
         self.data = data
-        self.cfg = cfg
-        self.spec = WindowSpec.from_config(cfg, data.fps)
+        self.train = train
+        self.loss = loss
+        self.spec = WindowSpec.from_config(windows, data.fps)
 
     def num_batches(self) -> int:
-        return steps_per_epoch(len(self.data.records), self.cfg.train.batch_size, self.cfg.train.max_steps_per_epoch)
+        return steps_per_epoch(len(self.data.records), self.train.batch_size, self.train.max_steps_per_epoch)
 
     def plan(self, epoch: int) -> np.ndarray:
-        t = self.cfg.train
+        t = self.train
         return epoch_plan(len(self.data.records), t.batch_size, t.seed, epoch, t.max_steps_per_epoch)
 
     def epoch(self, epoch: int) -> Iterator[dict[str, Tensor]]:
         plan = self.plan(epoch)
         for step in range(len(plan)):
-            yield read_shard(self.data, self.spec, self.cfg, plan, epoch, step, 0, 1)
+            yield read_shard(self.data, self.spec, self.train, self.loss, plan, epoch, step, 0, 1)
 
 
 @dataclass
@@ -356,9 +367,12 @@ def video_item(data: SplitData, spec: WindowSpec, video_key: str, records: list[
     )
 
 
-def iter_videos(data: SplitData, cfg: Config, records: Sequence[QueryRecord] | None = None) -> Iterator[VideoItem]:
-    """Group the split's queries by video and yield one :class:`VideoItem` per video (features read once)."""
-    spec = WindowSpec.from_config(cfg, data.fps)
+def iter_videos(
+    data: SplitData, windows: WindowConfig, records: Sequence[QueryRecord] | None = None
+) -> Iterator[VideoItem]:
+    """Group the split's queries by video and yield one :class:`VideoItem` per video (features read once), its
+    windows cut by the ``windows`` section."""
+    spec = WindowSpec.from_config(windows, data.fps)
     by_video: dict[str, list[QueryRecord]] = {}
     for rec in records if records is not None else data.records:
         by_video.setdefault(rec.video_key, []).append(rec)

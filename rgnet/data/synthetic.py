@@ -596,7 +596,7 @@ def frozen_retrieval_recall(
     overlaps the GT (the retrieval metric's definition).  The random
     baseline is exact: 1 - C(P - pos, K) / C(P, K), averaged over queries.
     """
-    from rgnet.data.windows import overlap_mask, window_bounds, window_frames
+    from rgnet.data.windows import overlap_mask, rank_windows, window_bounds, window_frames
 
     length, stride = window_frames(window_len_sec, 0.0, data.fps)
     hits = {k: 0.0 for k in ks}
@@ -614,7 +614,7 @@ def frozen_retrieval_recall(
         scores = np.array([sim[a:b].max() for a, b in bounds])  # (P,)
         gt_start, gt_end = rec.start_sec * data.fps, rec.end_sec * data.fps
         positive = overlap_mask(bounds[:, 0], bounds[:, 1], gt_start, gt_end, len(frames))  # (P,)
-        order = np.argsort(-scores, kind="stable")
+        order = rank_windows(scores)  # best first by the frozen-feature score
         num, num_pos = len(bounds), int(positive.sum())
         windows_total += num
         for k in ks:

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rgnet.span_ops import cw_to_se
+
 ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, Tensor)
 
 
@@ -187,20 +189,27 @@ def window_cw_to_sec(
     """
     if fps <= 0:
         raise ValueError(f"fps must be > 0, got {fps}")
-    if isinstance(span_cw, Tensor):
-        start = torch.as_tensor(win_start_frame, dtype=span_cw.dtype, device=span_cw.device)
-        length = torch.as_tensor(win_len_frames, dtype=span_cw.dtype, device=span_cw.device)
-        start = start.reshape(start.shape + (1,) * (span_cw.dim() - 1 - start.dim()))  # align leading dims
-        length = length.reshape(length.shape + (1,) * (span_cw.dim() - 1 - length.dim()))
-        c, w = span_cw.unbind(-1)
-        return torch.stack([start + (c - 0.5 * w) * length, start + (c + 0.5 * w) * length], dim=-1) / fps
-    arr = np.asarray(span_cw, dtype=np.float64)
-    start_a = np.asarray(win_start_frame, dtype=np.float64)
-    len_a = np.asarray(win_len_frames, dtype=np.float64)
-    start_a = start_a.reshape(start_a.shape + (1,) * (arr.ndim - 1 - start_a.ndim))
-    len_a = len_a.reshape(len_a.shape + (1,) * (arr.ndim - 1 - len_a.ndim))
-    c_a, w_a = arr[..., 0], arr[..., 1]
-    return np.stack([start_a + (c_a - 0.5 * w_a) * len_a, start_a + (c_a + 0.5 * w_a) * len_a], axis=-1) / fps
+    if not isinstance(span_cw, Tensor):  # the same arithmetic in float64, back as an array
+        out = window_cw_to_sec(
+            torch.from_numpy(np.asarray(span_cw, dtype=np.float64)),
+            torch.as_tensor(np.asarray(win_start_frame, dtype=np.float64)),
+            torch.as_tensor(np.asarray(win_len_frames, dtype=np.float64)),
+            fps,
+        )
+        return out.numpy()
+    start = torch.as_tensor(win_start_frame, dtype=span_cw.dtype, device=span_cw.device)
+    length = torch.as_tensor(win_len_frames, dtype=span_cw.dtype, device=span_cw.device)
+    start = start.reshape(start.shape + (1,) * (span_cw.dim() - start.dim()))  # align leading dims, and (s, e)
+    length = length.reshape(length.shape + (1,) * (span_cw.dim() - length.dim()))
+    return (start + cw_to_se(span_cw) * length) / fps
+
+
+def rank_windows(context_logit: ArrayOrTensor) -> ArrayOrTensor:
+    """Window indices best first by context score s_ctx over the last axis (P,) or (q, P), ties in window order:
+    the ranking of a prediction row's windows, of an answer's windows and of a timeline's top-k marks."""
+    if isinstance(context_logit, Tensor):
+        return torch.sort(context_logit, dim=-1, descending=True, stable=True).indices
+    return rank_windows(torch.as_tensor(np.ascontiguousarray(context_logit))).numpy()
 
 
 def sec_to_frame(t_sec: float, fps: float) -> float:

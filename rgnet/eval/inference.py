@@ -19,15 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rgnet.config import Config, EvalConfig
+from rgnet.config import EvalConfig, WindowConfig
 from rgnet.data.dataset import SplitData
 from rgnet.data.samples import VideoItem, gather_windows, iter_videos, pad_texts
-from rgnet.data.windows import positive_windows
+from rgnet.data.windows import positive_windows, rank_windows, window_cw_to_sec
 from rgnet.eval.predictions import PredictionRow
 from rgnet.model.embeddings import video_positions
 from rgnet.model.fused import inference_model
 from rgnet.model.rgnet import EncoderOutput, RGNet
-from rgnet.span_ops import cw_to_se, temporal_nms
+from rgnet.span_ops import temporal_nms
 
 
 @dataclass
@@ -214,8 +214,7 @@ def _decode_kept(
     p_fg = torch.cat(logits).softmax(-1)[..., 0]  # (g*k, Q)
     score = p_fg * torch.sigmoid(context_logit.float())[:, None]
     start, length = _frame_starts(item, kept["window"].flatten())
-    span_se = cw_to_se(torch.cat(spans))  # (g*k, Q, 2) window-relative
-    sec = (start[:, None, None] + span_se * length[:, None, None]) / item.spec.fps
+    sec = window_cw_to_sec(torch.cat(spans), start, length, item.spec.fps)  # (g*k, Q, 2)
     sec = sec.clamp(0.0, item.duration_sec)
     sec = sec.view(g, -1, 2)  # (g, k*Q, 2)
     score = score.cpu().view(g, -1)
@@ -265,7 +264,7 @@ def window_rows(item: VideoItem, scores: VideoScores, rows: list[PredictionRow])
     bounds_sec = torch.from_numpy(item.bounds).double() / item.spec.fps
     out = []
     for i, row in enumerate(rows):
-        order = torch.sort(scores.context_logit[i], descending=True, stable=True).indices
+        order = rank_windows(scores.context_logit[i])
         prob = torch.sigmoid(scores.context_logit[i][order].double())
         wins = torch.cat([bounds_sec[order], prob[:, None]], dim=1)
         out.append(PredictionRow(row.query_id, row.video_id, row.predictions, wins.tolist()))
@@ -293,30 +292,31 @@ def infer_oracle(model: RGNet, item: VideoItem, cfg: EvalConfig, device: torch.d
     dec = model.decode(enc)
     score = dec.logits[-1].float().softmax(-1)[..., 0].cpu()  # (q, Q)
     start, length = _frame_starts(item, which_t)
-    span_se = cw_to_se(dec.spans_cw[-1].float().cpu())
-    sec = ((start[:, None, None] + span_se * length[:, None, None]) / fps).clamp(0.0, item.duration_sec)
+    sec = window_cw_to_sec(dec.spans_cw[-1].float().cpu(), start, length, fps).clamp(0.0, item.duration_sec)
     return [_finish_row(item, i, sec[i], score[i], cfg) for i in range(q)]
 
 
 def predict_split(
     model: RGNet,
     data: SplitData,
-    cfg: Config,
+    windows: WindowConfig,
+    eval_cfg: EvalConfig,
     device: torch.device,
     *,
     records: Sequence[object] | None = None,
     progress: bool = False,
 ) -> Iterator[PredictionRow]:
-    """Prediction rows (with ranked windows) for every query of a split, one video at a time."""
-    videos = iter_videos(data, cfg, records)  # type: ignore[arg-type]
+    """Prediction rows (with ranked windows) for every query of a split, one video at a time: the windows cut by
+    the ``windows`` section, inference as the ``eval`` section says."""
+    videos = iter_videos(data, windows, records)  # type: ignore[arg-type]
     if progress:
         from tqdm import tqdm
 
         by_video = {r.video_key for r in (records or data.records)}  # type: ignore[attr-defined]
         videos = tqdm(videos, total=len(by_video), desc="evaluate", unit="video", leave=False)
     for item in videos:
-        if cfg.eval.oracle:
-            yield from infer_oracle(model, item, cfg.eval, device)
+        if eval_cfg.oracle:
+            yield from infer_oracle(model, item, eval_cfg, device)
             continue
-        rows, scores = infer_video(model, item, cfg.eval, device)
+        rows, scores = infer_video(model, item, eval_cfg, device)
         yield from window_rows(item, scores, rows)

@@ -4,6 +4,7 @@
   context score sigmoid(s_ctx) of every window, the frame sampling score s_j (Eq. 7), the ground-truth moment and
   the top predictions, on one time axis in seconds.  :func:`frame_score_curve` turns the per-window sampling scores
   into the per-frame curve it draws.
+- :func:`draw_timeline`: :func:`query_timeline` of one query as ``timeline_<name>.png`` from window bounds in frames.
 - :func:`recall_vs_k`: grounding Recall@K against K, one line per IoU threshold (values: :func:`recall_curve`).
 - :func:`retrieval_vs_windows`: window retrieval recall against the number of windows kept per query (values:
   :func:`retrieval_curve`).
@@ -31,6 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from rgnet.data.records import QueryRecord
+from rgnet.data.windows import rank_windows
 from rgnet.eval.metrics import PROFILES, evaluate, recall_name, retrieval_name
 from rgnet.eval.predictions import PredictionRow
 from rgnet.io import atomic_path
@@ -233,7 +235,7 @@ def query_timeline(
 
     prob = 1.0 / (1.0 + np.exp(-logit))  # (P,) sigmoid(s_ctx)
     centers = bounds.mean(axis=1)  # (P,)
-    top = np.argsort(-prob, kind="stable")[:top_k_windows]  # ranked like the predictions file's windows
+    top = rank_windows(logit)[:top_k_windows]  # ranked like the predictions file's windows
     pixel_sec = duration_sec / TIMELINE_SIZE_PX[0]  # one pixel of the x axis, in seconds
 
     names = ["context", *(["frames"] if frames is not None else []), "predictions"]
@@ -291,6 +293,32 @@ def query_timeline(
         text = " ".join(query.split())
         fig.suptitle(text if len(text) <= TITLE_CHARS else text[: TITLE_CHARS - 1] + "…", fontsize=10)
         return _save(fig, path)
+
+
+def draw_timeline(
+    out_dir: str | Path,
+    name: str,
+    *,
+    fps: float,
+    bounds: np.ndarray,
+    frame_scores: np.ndarray | None,
+    top_k_windows: int,
+    **query: Any,
+) -> Path:
+    """``out_dir/timeline_<name>.png`` (:func:`query_timeline`, the name made file-safe) from window ``bounds`` (P, 2)
+    in frames and the per-frame sampling scores (T,) (:func:`frame_score_curve`) at ``fps``; ``query`` holds the
+    other arguments of :func:`query_timeline` (duration_sec, context_logit, gt, predictions, query)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
+    times = None if frame_scores is None else (np.arange(len(frame_scores)) + 0.5) / fps
+    return query_timeline(
+        Path(out_dir) / f"timeline_{safe}.png",
+        window_bounds_sec=bounds / fps,
+        frame_times_sec=times,
+        frame_scores=frame_scores,
+        top_k_windows=top_k_windows,
+        top_n=TIMELINE_PREDICTIONS,
+        **query,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

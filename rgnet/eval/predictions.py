@@ -53,6 +53,14 @@ class PredictionRow:
         return row
 
 
+def compact_row(row: PredictionRow) -> PredictionRow:
+    """The row with its predictions and windows as (n, 3) float64 arrays: what the metrics read, at a tenth of the
+    memory of nested lists (a MAD-size split holds 72k queries x 100 predictions x 100 windows)."""
+    preds = np.asarray(row.predictions, dtype=np.float64).reshape(-1, 3)
+    windows = None if row.windows is None else np.asarray(row.windows, dtype=np.float64).reshape(-1, 3)
+    return PredictionRow(row.query_id, row.video_id, preds, windows)  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Reading and writing
 # ---------------------------------------------------------------------------------------------------------------

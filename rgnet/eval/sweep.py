@@ -53,7 +53,7 @@ def evaluate_settings(
         c = apply_overrides(cfg, list(overrides))
         if c.model != cfg.model:
             raise ConfigError(f"setting {name!r} ({', '.join(overrides)}) changes model.*: that is another model")
-        out[name] = evaluate_model(model, data, c, device)
+        out[name] = evaluate_model(model, data, c.windows, c.eval, device)
     return out
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rgnet.config import Config, ConfigError, from_dict, to_dict
+from rgnet.config import Config, ConfigError, ModelConfig, TrainConfig, from_dict, to_dict
 from rgnet.io import atomic_path
 from rgnet.model import RGNet, build_model
 
@@ -107,14 +107,15 @@ def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: object) 
     unwrap(model).load_state_dict(state)
 
 
-def init_weights_from(model: nn.Module, cfg: Config) -> bool:
-    """Fine-tuning start: load the weights of ``cfg.train.init_from`` (a project checkpoint) into ``model``.
+def init_weights_from(model: nn.Module, train: TrainConfig, model_cfg: ModelConfig) -> bool:
+    """Fine-tuning start: load the weights of ``train.init_from`` (a project checkpoint) into ``model`` (built from
+    ``model_cfg``, whose ``compat`` is compared with the checkpoint's).
 
     Call it on the freshly built model; only the weights are taken (the optimizer, schedule, scaler, epoch and step
     start fresh), every name and shape is checked.  A run resuming from its own checkpoint loads that checkpoint
     afterwards, which replaces these weights: resume wins.  Returns False when ``train.init_from`` is empty.
     """
-    path = cfg.train.init_from
+    path = train.init_from
     if not path:
         return False
     where = Path(path).expanduser()
@@ -134,12 +135,12 @@ def init_weights_from(model: nn.Module, cfg: Config) -> bool:
         ) from e
     load_weights(model, payload["model"], where)
     stored = payload.get("config", {}).get("model", {}).get("compat", "clean")
-    if stored != cfg.model.compat:
+    if stored != model_cfg.compat:
         log.warning(
             "train.init_from=%s was saved with model.compat=%s, this run uses model.compat=%s",
             path,
             stored,
-            cfg.model.compat,
+            model_cfg.compat,
         )
     log.info("initialised the model from %s (weights only; fresh optimizer and schedule)", where)
     return True

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rgnet.config import Config, OptimConfig
+from rgnet.config import Config, EvalConfig, OptimConfig, WindowConfig
 from rgnet.data.dataset import SplitData
 from rgnet.data.samples import assemble_step, shard_slice
 from rgnet.eval.inference import predict_split
@@ -229,13 +229,15 @@ def train_epoch(
 def evaluate_model(
     model: nn.Module,
     data: SplitData,
-    cfg: Config,
+    windows: WindowConfig,
+    eval_cfg: EvalConfig,
     device: torch.device,
     *,
     progress: bool = False,
     group: StepGroup = SOLO,
 ) -> tuple[dict[str, Any], list[PredictionRow]]:
-    """Two-stage inference on a whole split and the metric report (same evaluator as ``rgnet evaluate``).
+    """Two-stage inference on a whole split and the metric report (same evaluator as ``rgnet evaluate``): windows cut
+    by the ``windows`` section, inference and metrics as the ``eval`` section says.
 
     With several ranks each predicts every ``world``-th video (inference is per video and deterministic, so the rows
     equal one process's) and every rank gets all rows (a collective: all ranks call it).  Rows are in the split's
@@ -250,13 +252,13 @@ def evaluate_model(
         videos = list(dict.fromkeys(r.video_key for r in data.records))
         mine = set(videos[group.rank :: group.world])
         records = [r for r in data.records if r.video_key in mine]
-    rows = list(predict_split(bare, data, cfg, device, records=records, progress=progress))  # type: ignore[arg-type]
+    rows = list(predict_split(bare, data, windows, eval_cfg, device, records=records, progress=progress))  # type: ignore[arg-type]
     bare.train(was_training)
     if group.world > 1:
         rows = [row for part in group.gather_objects(rows) for row in part]
     order = {r.query_id: i for i, r in enumerate(data.records)}
     rows.sort(key=lambda row: order[row.query_id])
-    return evaluate_with(rows, data.records, cfg.eval, f"{data.split} predictions"), rows
+    return evaluate_with(rows, data.records, eval_cfg, f"{data.split} predictions"), rows
 
 
 def fit(
@@ -324,7 +326,9 @@ def fit(
         due = state.epoch % max(cfg.train.eval_every, 1) == 0 or state.epoch == total
         if val_data is not None and due:
             t_eval = time.perf_counter()
-            report, rows = evaluate_model(model, val_data, cfg, device, progress=cfg.train.progress, group=group)
+            report, rows = evaluate_model(
+                model, val_data, cfg.windows, cfg.eval, device, progress=cfg.train.progress, group=group
+            )
             train_metrics["eval_s"] = time.perf_counter() - t_eval
             value = report["metrics"].get(cfg.train.selection_metric)
             if value is None:

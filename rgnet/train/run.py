@@ -82,8 +82,10 @@ def train_local(cfg: Config, *, fresh: bool = False, test: bool = True) -> dict[
     threads = set_threads(cfg.train.threads, os.cpu_count() or 1)
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim).to(device)
-    ckpt.init_weights_from(model, cfg)  # train.init_from (fine-tuning); a resumed run's own checkpoint replaces it
-    batches = TrainBatches(train_data, cfg)
+    ckpt.init_weights_from(
+        model, cfg.train, cfg.model
+    )  # train.init_from (fine-tuning); a resumed run's own checkpoint replaces it
+    batches = TrainBatches(train_data, windows=cfg.windows, train=cfg.train, loss=cfg.loss)
     if batches.num_batches() == 0:
         raise ValueError(
             f"{len(train_data.records)} training queries make no full batch of train.batch_size={cfg.train.batch_size}"
@@ -128,7 +130,7 @@ def train_local(cfg: Config, *, fresh: bool = False, test: bool = True) -> dict[
     if test and cfg.data.test_split and cfg.data.test_split != cfg.data.val_split:
         splits.append(("test", open_split(cfg.data, cfg.data.test_split)))
     for name, data in splits:
-        report, rows = evaluate_model(best_model.to(device), data, cfg, device)
+        report, rows = evaluate_model(best_model.to(device), data, cfg.windows, cfg.eval, device)
         atomic_write_json(run_dir / f"report_{name}.json", report)
         write_predictions(run_dir / f"predictions_{name}.jsonl", rows)
         print(f"\n{name} split ({data.split}), best checkpoint:\n{format_table(report)}")
