@@ -129,7 +129,7 @@ def test_ray_train_one_gpu_worker(cuda: torch.device, ray_session: str, tmp_path
     assert ray.cluster_resources().get("GPU", 0) >= 1, "the session's Ray sees no GPU"
     cfg = tiny(tmp_path)
     workers = [("class_name", "=", "RayTrainWorker")]
-    before = {a.actor_id for a in list_actors(filters=workers, limit=10_000)}
+    before = {a.actor_id for a in list_actors(address=ray_session, filters=workers, limit=10_000)}
     argv = [
         "--smoke-test", "--no-test", "--tracking-uri", cfg.tracking.uri, f"data.root={cfg.data.root}",
         f"train.output_dir={cfg.train.output_dir}", f"ray.storage_path={cfg.ray.storage_path}", "train.progress=false",
@@ -137,7 +137,11 @@ def test_ray_train_one_gpu_worker(cuda: torch.device, ray_session: str, tmp_path
     ]  # fmt: skip
     assert train_cli.main(argv) == 0
 
-    new = [a for a in list_actors(filters=workers, detail=True, limit=10_000) if a.actor_id not in before]
+    new = [
+        a
+        for a in list_actors(address=ray_session, filters=workers, detail=True, limit=10_000)
+        if a.actor_id not in before
+    ]
     assert new, "no Ray Train worker ran"
     assert all((a.required_resources or {}).get("GPU") == 1 for a in new), [a.required_resources for a in new]
     client = MlflowClient(cfg.tracking.uri)

@@ -137,7 +137,7 @@ def test_two_workers_with_an_mlflow_server_survive_a_sigkilled_worker(
         return logged_epochs(client, runs[0].info.run_id) if runs else []
 
     _wait_for(epochs_so_far, 300, "the first epoch in MLflow", thread)
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    workers = list_actors(address=ray_session, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     assert len(workers) == 2
     time.sleep(0.5)  # epoch 2 has started: its data stream and steps run now
     os.kill(workers[1].pid, signal.SIGKILL)
