@@ -50,7 +50,7 @@ from typing import Any
 
 import yaml
 
-from pipelines import ablate
+from pipelines import ablation
 from pipelines.common import run_guarded, setup_logging
 from rgnet.config import Config, ConfigError, load_config
 from rgnet.eval.stats import paired_difference, t_interval
@@ -111,23 +111,16 @@ def _paired(a: list[float], b: list[float], seeds: list[int]) -> dict[str, Any]:
 
 
 def _diff_cell(d: dict[str, Any]) -> str:
-    text = ablate.fmt_interval(d, signed=True)
-    return f"**{text}**" if ablate.verdict(d) != "undecided" else text
+    text = ablation.fmt_interval(d, signed=True)
+    return f"**{text}**" if ablation.verdict(d) != "undecided" else text
 
 
 def _seeds(args: argparse.Namespace, default: int) -> list[int]:
-    return ablate.parse_seeds(args.seeds if args.seeds is not None else default, args.seed_list)
+    return ablation.parse_seeds(args.seeds if args.seeds is not None else default, args.seed_list)
 
 
 def _base(args: argparse.Namespace, space_name: str) -> tuple[Any, Config]:
-    from pipelines.common import resolve_space_path
-    from rgnet.search_space import load_space
-
-    space = load_space(resolve_space_path(space_name))
-    if args.preset:
-        import dataclasses
-
-        space = dataclasses.replace(space, preset=args.preset)
+    space = ablation.load_table_space(space_name, args.preset)
     return space, space.base_config(list(args.overrides))
 
 
@@ -195,7 +188,7 @@ def step_differences(table: dict[str, Any], order: Sequence[str], split: str = "
         seeds = sorted(by[below])
         if seeds != sorted(by[above]):
             raise ValueError(f"{below} and {above} were trained with different seeds: {seeds} vs {sorted(by[above])}")
-        metrics = [m for m in ablate.TABLE_METRICS if m in by[below][seeds[0]] and m in by[above][seeds[0]]]
+        metrics = [m for m in ablation.TABLE_METRICS if m in by[below][seeds[0]] and m in by[above][seeds[0]]]
         steps.append(
             {
                 "from": above,
@@ -226,7 +219,7 @@ def steps_markdown(steps: list[dict[str, Any]], labels: dict[str, str]) -> str:
         parts = []
         for m in ("retrieval_R1", "R1@0.3"):
             if m in st["metrics"]:
-                parts.append(f"{m} {ablate.verdict(st['metrics'][m])} ({ablate.fmt_interval(st['metrics'][m], True)})")
+                parts.append(f"{m} {ablation.verdict(st['metrics'][m])} ({ablation.fmt_interval(st['metrics'][m], True)})")
         what = labels.get(st["to"], st["to"])
         lines.append(f"- {st['from']} -> {st['to']} ({what}): " + "; ".join(parts))
     return "\n".join(lines) + "\n"
@@ -236,27 +229,20 @@ def run_table(args: argparse.Namespace, study: str) -> int:
     space, base = _base(args, f"paper_{study}")
     seeds = _seeds(args, 3)
     out = study_dir(base, study)
-    argv = [
-        "--space",
-        f"paper_{study}",
-        "--name",
-        out.name,
-        "--runs-dir",
-        str(runs_dir(base)),
-        "--seed-list",
-        ",".join(map(str, seeds)),
-        "--threads",
-        str(args.threads),
-        "--parallel",
-        str(args.parallel),
-        *(["--preset", args.preset] if args.preset else []),
-        *(["--fresh"] if args.fresh else []),
-        *([] if args.tracking is None else ["--tracking" if args.tracking else "--no-tracking"]),
-        *args.overrides,
-    ]
-    code = ablate.main(argv)
-    if code:
-        return code
+    ablation.run_ablation(
+        ablation.AblationOptions(
+            space=f"paper_{study}",
+            preset=args.preset,
+            name=out.name,
+            seeds=tuple(seeds),
+            threads=args.threads,
+            parallel=args.parallel,
+            runs_dir=str(runs_dir(base)),
+            fresh=args.fresh,
+            tracking=args.tracking,
+            overrides=tuple(args.overrides),
+        )
+    )
     table = json.loads((out / "ablation.json").read_text())
     order = list(space.variants)
     steps = step_differences(table, order)
@@ -287,7 +273,7 @@ def evaluate_checkpoints(
 
     space, base = _base(args, "paper_tab3")
     seeds = _seeds(args, 3)
-    configs, _ = ablate.prepare_runs(
+    configs, _ = ablation.prepare_runs(
         space,
         [RGNET, BASELINE],
         seeds,
@@ -373,8 +359,8 @@ def run_topk(args: argparse.Namespace) -> int:
         cells = [label, f"{dec[RGNET]:.1f}"]
         for m in metrics:
             cells += [
-                ablate.fmt_interval(row[f"{RGNET}/{m}"]),
-                ablate.fmt_interval(row[f"{BASELINE}/{m}"]),
+                ablation.fmt_interval(row[f"{RGNET}/{m}"]),
+                ablation.fmt_interval(row[f"{BASELINE}/{m}"]),
                 _diff_cell(row[f"difference/{m}"]),
             ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -439,7 +425,7 @@ def run_oracle(args: argparse.Namespace) -> int:
     for model in (RGNET, BASELINE):
         for name, title in ((two_stage, f"two-stage, top {k}"), (ORACLE, "oracle (GT window)")):
             row = cells[f"{model}/{name}"]
-            values = " | ".join(ablate.fmt_interval(row[m]) for m in GROUNDING)
+            values = " | ".join(ablation.fmt_interval(row[m]) for m in GROUNDING)
             lines.append(f"| {MODEL_NAMES[model]} | {title} | {values} |")
     lines += [
         "",
@@ -512,7 +498,7 @@ def evaluate_trial(checkpoint: Path, cache: Path, threads: int) -> dict[str, Any
             return dict(saved["reports"])
     set_threads(threads, 1)
     reports = {}
-    for split in ablate.SPLITS:
+    for split in ablation.SPLITS:
         argv = ["--checkpoint", str(checkpoint), "--split", split, "--set", "train.progress=false"]
         args = evaluate.build_parser().parse_args(argv)
         reports[split] = evaluate.evaluate_checkpoint(args)
@@ -622,7 +608,7 @@ def sweep_table(
             got = [t["seed"] for t in runs]
             cells[f"{m}/{x:g}"] = {
                 split: {metric: _interval([t[split][metric] for t in runs], got) for metric in SWEEP_METRICS}
-                for split in ablate.SPLITS
+                for split in ablation.SPLITS
             }
     diffs: dict[str, Any] = {}
     if len(models) == 2:
@@ -653,7 +639,7 @@ def sweep_table(
         row = [f"{x:g}"]
         for m in models:
             for split in ("val", "test"):
-                row += [ablate.fmt_interval(cells[f"{m}/{x:g}"][split][metric]) for metric in SWEEP_METRICS]
+                row += [ablation.fmt_interval(cells[f"{m}/{x:g}"][split][metric]) for metric in SWEEP_METRICS]
         if diffs:
             row += [_diff_cell(diffs[f"{x:g}"][metric]) for metric in SWEEP_METRICS]
         lines.append("| " + " | ".join(row) + " |")
