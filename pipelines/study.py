@@ -219,7 +219,8 @@ def steps_markdown(steps: list[dict[str, Any]], labels: dict[str, str]) -> str:
         parts = []
         for m in ("retrieval_R1", "R1@0.3"):
             if m in st["metrics"]:
-                parts.append(f"{m} {ablation.verdict(st['metrics'][m])} ({ablation.fmt_interval(st['metrics'][m], True)})")
+                d = st["metrics"][m]
+                parts.append(f"{m} {ablation.verdict(d)} ({ablation.fmt_interval(d, True)})")
         what = labels.get(st["to"], st["to"])
         lines.append(f"- {st['from']} -> {st['to']} ({what}): " + "; ".join(parts))
     return "\n".join(lines) + "\n"
