@@ -548,7 +548,6 @@ def select_variants(space: SearchSpace, wanted: str | None) -> list[str]:
     return names
 
 
-
 @dataclasses.dataclass(frozen=True)
 class AblationOptions:
     """What one ablation table is: which variants of which space, over which seeds, trained how, written where.
