@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipelines.common import run_guarded
 from rgnet.io import atomic_write_json
 
 
@@ -397,16 +398,71 @@ def _run_child(argv: list[str]) -> dict[str, Any]:
     raise RuntimeError(f"benchmark child {argv} failed:\n{proc.stderr[-3000:]}")
 
 
+def data_parser() -> argparse.ArgumentParser:
+    """``rgnet bench --data``: the options of :func:`pipelines.ray_data_bench.run_data_bench`."""
+    from pipelines import ray_data_bench
+
+    p = argparse.ArgumentParser(prog="rgnet bench --data", description=(ray_data_bench.__doc__ or "").split("\n\n")[0])
+    p.add_argument("--data", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", default="bench_data.json", help="JSON file for the results (default: %(default)s)")
+    p.add_argument("--preset", default=None, help="dataset from this preset (default: the embedded default)")
+    p.add_argument("--budget-mib", type=float, default=16.0, help="Ray Data object-store budget (default: 16)")
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up epoch (default: 2)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/tmp/d")
+    return p
+
+
+def quality_parser() -> argparse.ArgumentParser:
+    """``rgnet bench --quality``: the options of :func:`pipelines.quality_bench.run_quality_bench`."""
+    from pipelines import quality_bench
+
+    p = argparse.ArgumentParser(
+        prog="rgnet bench --quality", description=(quality_bench.__doc__ or "").split("\n\n")[0]
+    )
+    p.add_argument("--quality", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated train.seed values (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training process (default: 1)")
+    p.add_argument("--parallel", type=int, default=2, help="local runs at a time (default: 2)")
+    p.add_argument("--out", default="runs/quality", help="folder for the runs and the table (default: %(default)s)")
+    p.add_argument("--preset", default=None, help="config preset (default: the embedded default)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both paths")
+    return p
+
+
+def _data_main(argv: list[str]) -> int:
+    from pipelines.ray_data_bench import run_data_bench
+
+    args = data_parser().parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    results = run_data_bench(
+        preset=args.preset, overrides=args.overrides, budget_mib=args.budget_mib, epochs=args.epochs
+    )
+    atomic_write_json(args.out, results)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _quality_main(args: argparse.Namespace) -> int:
+    from pipelines.quality_bench import QualityOptions, run_quality_bench
+
+    opts = QualityOptions(
+        seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
+        threads=args.threads,
+        parallel=args.parallel,
+        out=args.out,
+        preset=args.preset,
+        overrides=tuple(args.overrides),
+    )
+    run_quality_bench(opts)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--data" in argv:  # the Ray Data pipeline benchmark has its own options
-        from pipelines import bench_data
-
-        return bench_data.main(argv)
+        return _data_main(argv)
     if "--quality" in argv:  # local vs distributed training over seeds: its own options
-        from pipelines import bench_quality
-
-        return bench_quality.main(argv)
+        return run_guarded(_quality_main, quality_parser().parse_args(argv))
     args = build_parser().parse_args(argv)
     if args.part != "all":
         return _child(args)

@@ -11,8 +11,8 @@ Checkpoint mode runs two-stage inference with a trained model on a split of its 
 the model is a checkpoint file (``--checkpoint runs/NAME/best.pt``) or the best model a distributed run logged to
 MLflow (``--model-uri runs:/<run_id>/model`` or ``models:/<name>/<version>``, with ``--tracking-uri``).
 
-Each mode is one function returning the report (``evaluate_prediction_file``, ``evaluate_checkpoint``); ``main``
-only parses, dispatches and prints.
+Each mode is one function returning the report (``evaluate_prediction_file`` here, and
+``pipelines.evaluation.evaluate_checkpoint``); ``main`` only parses, dispatches and prints.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import logging
 import sys
 from typing import Any, get_args
 
-from pipelines.common import fail, run_guarded, setup_logging, split_name
+from pipelines.common import fail, remove_flags, run_guarded, setup_logging
+from pipelines.evaluation import evaluate_checkpoint
 from rgnet.config import ConfigError, DataConfig, EvalConfig, Layout, Profile
 
 log = logging.getLogger("rgnet.evaluate")
@@ -85,14 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ck.add_argument("--predictions-out", metavar="FILE", help="also write the predictions (JSON Lines)")
     ck.add_argument(
-        "--set",
-        dest="overrides",
+        "overrides",
         nargs="*",
         default=[],
         metavar="key=value",
-        help="config overrides on top of the checkpoint's config, e.g. eval.top_k_windows=10 "
+        help="checkpoint mode: config overrides on top of the checkpoint's config, e.g. eval.top_k_windows=10 "
         "data.root=/other/copy (model keys cannot change)",
     )
+    remove_flags(p, {"--set": "give the overrides as positional key=value (e.g. eval.top_k_windows=10)"})
 
     met = p.add_argument_group("metrics")
     met.add_argument(
@@ -232,37 +233,6 @@ def evaluate_prediction_file(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Mode: model checkpoint on a split
-# ---------------------------------------------------------------------------------------------------------------
-def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
-    """Two-stage inference of a checkpoint on a split of its dataset; the metrics come from the checkpoint's config
-    (eval.*) unless overridden with --set."""
-    from pipelines.runtime import load_model_uri
-    from rgnet.config import apply_overrides
-    from rgnet.data.dataset import open_split
-    from rgnet.eval.predictions import write_predictions
-    from rgnet.train.checkpoint import load_checkpoint, model_from_payload
-    from rgnet.train.loop import evaluate_model, resolve_device
-
-    payload = load_checkpoint(args.checkpoint) if args.checkpoint else load_model_uri(args.model_uri, args.tracking_uri)
-    model, cfg = model_from_payload(payload)
-    new_cfg = apply_overrides(cfg, args.overrides)
-    if new_cfg.model != cfg.model:
-        raise ConfigError("--set cannot change model.* keys of a trained checkpoint")
-    cfg = new_cfg
-    split = split_name(cfg, args.split)
-    device = resolve_device(cfg.train.device)
-    data = open_split(cfg.data, split)
-    report, rows = evaluate_model(model.to(device), data, cfg, device, progress=cfg.train.progress)
-    report["checkpoint"] = str(args.checkpoint or args.model_uri)
-    report["checkpoint_epoch"] = int(payload["epoch"])
-    report["split"] = split
-    if args.predictions_out:
-        write_predictions(args.predictions_out, rows)
-    return report
-
-
 def _main(args: argparse.Namespace) -> int:
     from rgnet.eval.metrics import format_table
     from rgnet.io import atomic_write_json
@@ -270,9 +240,18 @@ def _main(args: argparse.Namespace) -> int:
     if sum(bool(x) for x in (args.predictions, args.checkpoint, args.model_uri)) > 1:
         return fail("give one of --predictions (with --annotations), --checkpoint or --model-uri")
     if args.predictions:
+        if args.overrides:
+            return fail(f"key=value overrides ({' '.join(args.overrides)}) apply to a checkpoint, not to --predictions")
         report = evaluate_prediction_file(args)
     elif args.checkpoint or args.model_uri:
-        report = evaluate_checkpoint(args)
+        report = evaluate_checkpoint(
+            checkpoint=args.checkpoint,
+            model_uri=args.model_uri,
+            tracking_uri=args.tracking_uri,
+            split=args.split,
+            overrides=args.overrides,
+            predictions_out=args.predictions_out,
+        )
     else:
         return fail(
             "give --predictions FILE --annotations FILE, --checkpoint FILE or --model-uri URI "

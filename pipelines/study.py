@@ -9,7 +9,7 @@ Every study is built on the commands that already exist; none trains or evaluate
                 Sampling loss as well), N seeds per row; shares the ``full`` runs with ``tab3``
 ``topk``        Fig. 5, evaluation only: R@K at IoU m against ``eval.top_k_windows`` (1, 3, 5, 10, 20, 30) for the
                 trained RGNet and the disjoint baseline of ``tab3`` (the same checkpoints, every seed), plus oracle
-                grounding; each point is ``rgnet evaluate --checkpoint ... --set eval.top_k_windows=k``
+                grounding; each point is ``rgnet evaluate --checkpoint ... eval.top_k_windows=k``
 ``oracle``      oracle grounding (``eval.oracle=true``: decode the ground-truth window only) against two-stage
                 inference, for both models of ``tab3``, every seed, with paired differences
 ``length``      Fig. 7, ``rgnet tune --space paper_length``: proposal length (``windows.length_sec``) x {RGNet,
@@ -490,7 +490,7 @@ def best_trial_checkpoint(trial_dir: Path) -> Path:
 
 def evaluate_trial(checkpoint: Path, cache: Path, threads: int) -> dict[str, Any]:
     """Val and test reports of a checkpoint, by ``rgnet evaluate --checkpoint`` (cached with the checkpoint path)."""
-    from pipelines import evaluate
+    from pipelines.evaluation import evaluate_checkpoint
     from rgnet.train.loop import set_threads
 
     if cache.exists():
@@ -500,17 +500,17 @@ def evaluate_trial(checkpoint: Path, cache: Path, threads: int) -> dict[str, Any
     set_threads(threads, 1)
     reports = {}
     for split in ablation.SPLITS:
-        argv = ["--checkpoint", str(checkpoint), "--split", split, "--set", "train.progress=false"]
-        args = evaluate.build_parser().parse_args(argv)
-        reports[split] = evaluate.evaluate_checkpoint(args)
+        reports[split] = evaluate_checkpoint(
+            checkpoint=str(checkpoint), split=split, overrides=["train.progress=false"]
+        )
     atomic_write_json(cache, {"checkpoint": str(checkpoint), "reports": reports})
     return reports
 
 
 def run_sweep_study(args: argparse.Namespace, study: str) -> int:
-    from pipelines import tune
     from pipelines.common import resolve_space_path
     from pipelines.runtime import resolve_paths
+    from pipelines.sweep import SweepOptions, run_sweep
     from rgnet.eval.plots import sweep_lines
     from rgnet.search_space import VARIANT_KEY, load_space
 
@@ -529,23 +529,19 @@ def run_sweep_study(args: argparse.Namespace, study: str) -> int:
     overrides = list(args.overrides)
     if args.tracking is not None:
         overrides.append(f"tracking.enabled={str(args.tracking).lower()}")
-    argv = [
-        "--space",
-        str(swept),
-        "--name",
-        out.name,
-        "--trials",
-        str(grid.num_grid_points()),
-        "--concurrency",
-        str(args.concurrency),
-        "--grace-period",
-        str(10**6),  # no ASHA stop: every point of the grid trains all its epochs
-        *(["--fresh"] if args.fresh else []),
-        *overrides,
-    ]
-    code = tune.main(argv)
-    if code:
-        return code
+    summary = run_sweep(
+        SweepOptions(
+            space=str(swept),
+            name=out.name,
+            trials=grid.num_grid_points(),
+            concurrency=args.concurrency,
+            grace_period=10**6,  # no ASHA stop: every point of the grid trains all its epochs
+            fresh=args.fresh,
+            overrides=tuple(overrides),
+        )
+    )
+    if summary.get("interrupted"):
+        return 130
     cfg = resolve_paths(grid.base_config(overrides))
     sweep = json.loads((Path(cfg.train.output_dir) / out.name / "sweep.json").read_text())
     trials_root = Path(cfg.ray.storage_path) / f"{out.name}-trials"
