@@ -471,6 +471,7 @@ def log_table(
 
     from pipelines import tracking
     from pipelines.common import split_name
+    from pipelines.runtime import tracked_run
     from rgnet.config import from_dict
     from rgnet.data.dataset import open_split
 
@@ -480,8 +481,7 @@ def log_table(
     parent = tracking.open_run(
         parent_cfg, run_key=f"ablate:{out_dir}", preset=space.preset, fresh=fresh, tags=tags, command="rgnet ablate"
     )
-    status = "FAILED"
-    try:
+    with tracked_run(parent):  # the parent ends FINISHED, KILLED or FAILED with this block
         splits = {c: open_split(any_cfg.data, split_name(any_cfg, c)) for c in ("train", *SPLITS)}
         inputs = {c: tracking.dataset_input(split, c) for c, split in splits.items()}  # every row trains on these
         for split in splits.values():
@@ -527,9 +527,6 @@ def log_table(
             if new:
                 client.log_batch(child.run_id, metrics=new)
             tracking.finish(child, "FINISHED")
-        status = "FINISHED"
-    finally:
-        tracking.finish(parent, status)
     return tracking.run_url(parent.uri, parent.experiment_id, parent.run_id)
 
 
