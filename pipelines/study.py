@@ -45,6 +45,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclass(frozen=True)
+class StudyOptions:
+    """One study: which, over which seeds (None: the study's default), torch threads per local run, local runs and
+    Tune trials at once, start over, MLflow on or off (None: ``tracking.enabled``), preset and config overrides."""
+
+    study: str
+    seeds: tuple[int, ...] | None = None
+    threads: int = 1
+    parallel: int = 2
+    concurrency: int = 1
+    fresh: bool = False
+    tracking: bool | None = None
+    preset: str | None = None
+    overrides: tuple[str, ...] = ()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Shared pieces
 # ---------------------------------------------------------------------------------------------------------------
@@ -115,13 +132,13 @@ def _diff_cell(d: dict[str, Any]) -> str:
     return f"**{text}**" if ablation.verdict(d) != "undecided" else text
 
 
-def _seeds(args: argparse.Namespace, default: int) -> list[int]:
-    return ablation.parse_seeds(args.seeds if args.seeds is not None else default, args.seed_list)
+def _seeds(opts: StudyOptions, default: int) -> list[int]:
+    return list(opts.seeds) if opts.seeds is not None else ablation.parse_seeds(default, None)
 
 
-def _base(args: argparse.Namespace, space_name: str) -> tuple[Any, Config]:
-    space = ablation.load_table_space(space_name, args.preset)
-    return space, space.base_config(list(args.overrides))
+def _base(opts: StudyOptions, space_name: str) -> tuple[Any, Config]:
+    space = ablation.load_table_space(space_name, opts.preset)
+    return space, space.base_config(list(opts.overrides))
 
 
 def study_dir(cfg: Config, study: str) -> Path:
@@ -132,8 +149,8 @@ def runs_dir(cfg: Config) -> Path:
     return Path(cfg.train.output_dir).resolve() / RUNS_FOLDER
 
 
-def _tracking_on(args: argparse.Namespace, cfg: Config) -> bool:
-    return bool(cfg.tracking.enabled if args.tracking is None else args.tracking)
+def _tracking_on(opts: StudyOptions, cfg: Config) -> bool:
+    return bool(cfg.tracking.enabled if opts.tracking is None else opts.tracking)
 
 
 def attach_to_run(cfg: Config, run_key: str, files: Sequence[Path], artifact_path: str) -> str | None:
@@ -226,22 +243,22 @@ def steps_markdown(steps: list[dict[str, Any]], labels: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_table(args: argparse.Namespace, study: str) -> int:
-    space, base = _base(args, f"paper_{study}")
-    seeds = _seeds(args, 3)
+def run_table(opts: StudyOptions, study: str) -> int:
+    space, base = _base(opts, f"paper_{study}")
+    seeds = _seeds(opts, 3)
     out = study_dir(base, study)
     ablation.run_ablation(
         ablation.AblationOptions(
             space=f"paper_{study}",
-            preset=args.preset,
+            preset=opts.preset,
             name=out.name,
             seeds=tuple(seeds),
-            threads=args.threads,
-            parallel=args.parallel,
+            threads=opts.threads,
+            parallel=opts.parallel,
             runs_dir=str(runs_dir(base)),
-            fresh=args.fresh,
-            tracking=args.tracking,
-            overrides=tuple(args.overrides),
+            fresh=opts.fresh,
+            tracking=opts.tracking,
+            overrides=tuple(opts.overrides),
         )
     )
     table = json.loads((out / "ablation.json").read_text())
@@ -250,7 +267,7 @@ def run_table(args: argparse.Namespace, study: str) -> int:
     text = (out / "ablation.md").read_text() + "\n" + steps_markdown(steps, space.labels)
     shutil.copyfile(out / "ablation.png", out / "study.png")
     _write(out, text, {"study": study, "ablation": str(out / "ablation.json"), "steps": steps})
-    if _tracking_on(args, base):
+    if _tracking_on(opts, base):
         attach_to_run(base, f"ablate:{out}", [out / "study.md", out / "study.json"], "study")
     return 0
 
@@ -259,7 +276,7 @@ def run_table(args: argparse.Namespace, study: str) -> int:
 # topk / oracle: evaluation only, on the checkpoints of tab3's RGNet and baseline
 # ---------------------------------------------------------------------------------------------------------------
 def evaluate_checkpoints(
-    args: argparse.Namespace, settings: dict[str, list[str]], out: Path
+    opts: StudyOptions, settings: dict[str, list[str]], out: Path
 ) -> tuple[dict[str, dict[int, dict[str, dict[str, Any]]]], list[int], Config]:
     """Reports of the RGNet and baseline checkpoints of ``tab3`` (trained first if missing) on the test split under
     each setting: ``{model: {seed: {setting: {"metrics", "decoded_windows"}}}}``.  Cached per (model, seed) in
@@ -272,24 +289,24 @@ def evaluate_checkpoints(
     from rgnet.train.checkpoint import load_model
     from rgnet.train.loop import resolve_device, set_threads
 
-    space, base = _base(args, "paper_tab3")
-    seeds = _seeds(args, 3)
+    space, base = _base(opts, "paper_tab3")
+    seeds = _seeds(opts, 3)
     configs, _ = ablation.prepare_runs(
         space,
         [RGNET, BASELINE],
         seeds,
-        threads=args.threads,
-        parallel=args.parallel,
+        threads=opts.threads,
+        parallel=opts.parallel,
         runs=runs_dir(base),
-        overrides=list(args.overrides),
+        overrides=list(opts.overrides),
     )  # --fresh re-evaluates (below); it never retrains tab3's runs (`rgnet study tab3 --fresh` does)
-    set_threads(args.threads, 1)  # the runs' thread count: evaluation sums in its order too
+    set_threads(opts.threads, 1)  # the runs' thread count: evaluation sums in its order too
     results: dict[str, dict[int, dict[str, dict[str, Any]]]] = {RGNET: {}, BASELINE: {}}
     for (variant, seed), cfg in configs.items():
         ckpt = Path(cfg.train.output_dir) / cfg.train.run_name / "best.pt"
         cache = out / "evals" / variant / f"seed{seed}.json"
         stamp = {"checkpoint": str(ckpt), "mtime_ns": ckpt.stat().st_mtime_ns, "settings": settings}
-        if cache.exists() and not args.fresh:
+        if cache.exists() and not opts.fresh:
             saved = json.loads(cache.read_text())
             if {k: saved.get(k) for k in stamp} == stamp:
                 results[variant][seed] = saved["reports"]
@@ -320,14 +337,14 @@ def _series(
     return [float(results[model][s][setting]["metrics"][metric]) for s in seeds]
 
 
-def run_topk(args: argparse.Namespace) -> int:
+def run_topk(opts: StudyOptions) -> int:
     from rgnet.eval.plots import sweep_lines
     from rgnet.eval.sweep import ORACLE, topk_settings
 
-    _, base = _base(args, "paper_tab3")
+    _, base = _base(opts, "paper_tab3")
     out = study_dir(base, "topk")
     settings = topk_settings(TOPK_KS, oracle=True)
-    results, seeds, base = evaluate_checkpoints(args, settings, out)
+    results, seeds, base = evaluate_checkpoints(opts, settings, out)
     metrics = ("R1@0.3", "R1@0.5")
     rows: list[dict[str, Any]] = []
     for name in settings:
@@ -389,16 +406,16 @@ def run_topk(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_oracle(args: argparse.Namespace) -> int:
+def run_oracle(opts: StudyOptions) -> int:
     from rgnet.eval.plots import variant_bars
     from rgnet.eval.sweep import ORACLE
 
-    _, base = _base(args, "paper_tab3")
+    _, base = _base(opts, "paper_tab3")
     out = study_dir(base, "oracle")
     k = base.eval.top_k_windows
     two_stage = f"k{k}"
     settings = {two_stage: [f"eval.top_k_windows={k}", "eval.oracle=false"], ORACLE: ["eval.oracle=true"]}
-    results, seeds, base = evaluate_checkpoints(args, settings, out)
+    results, seeds, base = evaluate_checkpoints(opts, settings, out)
     cells: dict[str, dict[str, dict[str, Any]]] = {}
     for model in (RGNET, BASELINE):
         for name in settings:
@@ -507,7 +524,7 @@ def evaluate_trial(checkpoint: Path, cache: Path, threads: int) -> dict[str, Any
     return reports
 
 
-def run_sweep_study(args: argparse.Namespace, study: str) -> int:
+def run_sweep_study(opts: StudyOptions, study: str) -> int:
     from pipelines.common import resolve_space_path
     from pipelines.runtime import resolve_paths
     from pipelines.sweep import SweepOptions, run_sweep
@@ -515,28 +532,28 @@ def run_sweep_study(args: argparse.Namespace, study: str) -> int:
     from rgnet.search_space import VARIANT_KEY, load_space
 
     space_name, key, axis, log_x = SWEEPS[study]
-    seeds = _seeds(args, 1)
+    seeds = _seeds(opts, 1)
     space_path = resolve_space_path(space_name)
-    _, base = _base(args, space_name)
+    _, base = _base(opts, space_name)
     out = study_dir(base, study)
     out.mkdir(parents=True, exist_ok=True)
     swept = seeded_space(space_path, seeds, out)
-    if args.preset:  # the copy carries the preset the study runs on
+    if opts.preset:  # the copy carries the preset the study runs on
         data = yaml.safe_load(swept.read_text())
-        data["preset"] = args.preset
+        data["preset"] = opts.preset
         atomic_write_text(swept, yaml.safe_dump(data, sort_keys=False))
     grid = load_space(swept)
-    overrides = list(args.overrides)
-    if args.tracking is not None:
-        overrides.append(f"tracking.enabled={str(args.tracking).lower()}")
+    overrides = list(opts.overrides)
+    if opts.tracking is not None:
+        overrides.append(f"tracking.enabled={str(opts.tracking).lower()}")
     summary = run_sweep(
         SweepOptions(
             space=str(swept),
             name=out.name,
             trials=grid.num_grid_points(),
-            concurrency=args.concurrency,
+            concurrency=opts.concurrency,
             grace_period=10**6,  # no ASHA stop: every point of the grid trains all its epochs
-            fresh=args.fresh,
+            fresh=opts.fresh,
             overrides=tuple(overrides),
         )
     )
@@ -552,7 +569,7 @@ def run_sweep_study(args: argparse.Namespace, study: str) -> int:
             log.warning("trial %s did not finish (%s): left out of the table", row["trial_id"], why)
             continue
         ckpt = best_trial_checkpoint(trials_root / f"{out.name}-{row['trial_id']}")
-        reports = evaluate_trial(ckpt, out / "trials" / f"{row['trial_id']}.json", args.threads)
+        reports = evaluate_trial(ckpt, out / "trials" / f"{row['trial_id']}.json", opts.threads)
         point = row["point"]
         trials.append(
             {
@@ -585,7 +602,7 @@ def run_sweep_study(args: argparse.Namespace, study: str) -> int:
         log_x=log_x,
     )
     _write(out, text, {"study": study, "key": key, "seeds": seeds, "trials": trials, **data})
-    if _tracking_on(args, cfg):
+    if _tracking_on(opts, cfg):
         sweep_dir = f"{cfg.ray.storage_path.rstrip('/')}/{out.name}"
         attach_to_run(cfg, f"tune:{sweep_dir}", [out / "study.md", out / "study.png", out / "study.json"], "study")
     return 0
@@ -643,26 +660,47 @@ def sweep_table(
     return "\n".join(lines) + "\n", {"cells": cells, "differences": diffs, "models": models, "xs": xs}
 
 
-RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "tab3": lambda a: run_table(a, "tab3"),
-    "tab4": lambda a: run_table(a, "tab4"),
+RUNNERS: dict[str, Callable[[StudyOptions], int]] = {
+    "tab3": lambda o: run_table(o, "tab3"),
+    "tab4": lambda o: run_table(o, "tab4"),
     "topk": run_topk,
     "oracle": run_oracle,
-    "length": lambda a: run_sweep_study(a, "length"),
-    "temperature": lambda a: run_sweep_study(a, "temperature"),
+    "length": lambda o: run_sweep_study(o, "length"),
+    "temperature": lambda o: run_sweep_study(o, "temperature"),
 }
 
 
-def _main(args: argparse.Namespace) -> int:
+def options(args: argparse.Namespace) -> StudyOptions:
+    given = args.seeds is not None or bool(args.seed_list)
+    seeds = ablation.parse_seeds(args.seeds if args.seeds is not None else 1, args.seed_list) if given else None
+    return StudyOptions(
+        study=args.study,
+        seeds=tuple(seeds) if seeds is not None else None,
+        threads=args.threads,
+        parallel=args.parallel,
+        concurrency=args.concurrency,
+        fresh=args.fresh,
+        tracking=args.tracking,
+        preset=args.preset,
+        overrides=tuple(args.overrides),
+    )
+
+
+def run_study(opts: StudyOptions) -> int:
+    """Run the study ``opts.study`` and write its table, plot and numbers; returns the exit code."""
     t0 = time.perf_counter()
-    load_config(args.preset, None, args.overrides)  # a bad override fails before anything starts
-    code = RUNNERS[args.study](args)
+    load_config(opts.preset, None, opts.overrides)  # a bad override fails before anything starts
+    code = RUNNERS[opts.study](opts)
     if code == 0:
         print(
-            f"study {args.study}: {time.perf_counter() - t0:.0f} s wall (this invocation; a resumed study only "
+            f"study {opts.study}: {time.perf_counter() - t0:.0f} s wall (this invocation; a resumed study only "
             "trains what was missing)"
         )
     return code
+
+
+def _main(args: argparse.Namespace) -> int:
+    return run_study(options(args))
 
 
 def main(argv: list[str] | None = None) -> int:
