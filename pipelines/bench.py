@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,30 @@ def bench_config(preset: str | None = None, overrides: Sequence[str] = ()) -> Co
 
     base = load_config(preset) if preset else from_dict({"model": FULL_SIZE_MODEL})
     return apply_overrides(base, [*(f"{k}={v}" for k, v in BENCH_DEFAULTS.items()), *overrides])
+
+
+@dataclass(frozen=True)
+class BenchSizes:
+    """The benchmark's own sizes (not config keys): frames per training window, feature width, timed training steps,
+    queries per video (ascending), timed runs at Q = 1, and the seconds of each matmul peak measurement."""
+
+    window_frames: int = 300
+    feature_dim: int = 512
+    train_steps: int = 4
+    queries: tuple[int, ...] = (1, 8, 64)
+    repeats: int = 3
+    peak_seconds: float = 2.0
+
+
+def sizes(args: argparse.Namespace) -> BenchSizes:
+    return BenchSizes(
+        window_frames=args.window_frames,
+        feature_dim=args.feature_dim,
+        train_steps=args.train_steps,
+        queries=tuple(args.queries),
+        repeats=args.repeats,
+        peak_seconds=args.peak_seconds,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,7 +191,7 @@ def bench_matmul_peak(device: Any, precision: str = "fp32", seconds: float = 2.0
     return out
 
 
-def bench_train(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+def bench_train(args: BenchSizes, config: Config) -> dict[str, Any]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -234,7 +259,7 @@ def bench_train(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     return out
 
 
-def _inference_item(args: argparse.Namespace, fps: float, minutes: float, window: int, num_queries: int) -> Any:
+def _inference_item(args: BenchSizes, fps: float, minutes: float, window: int, num_queries: int) -> Any:
     """A random video of ``minutes`` at ``fps`` and ``num_queries`` random 20-word queries about it."""
     import numpy as np
     import torch
@@ -296,7 +321,7 @@ def _count_flops(model: Any, item: Any, cfg: Any, device: Any) -> dict[str, int]
     return {"project": fc.get_total_flops(), **flops}
 
 
-def bench_infer(args: argparse.Namespace, config: Config, minutes: float, window: int) -> dict[str, Any]:
+def bench_infer(args: BenchSizes, config: Config, minutes: float, window: int) -> dict[str, Any]:
     """Latency per query at each Q of ``args.queries`` (Q queries about one video of ``minutes``, windows of
     ``window`` frames), with the encoder and decoder timed separately, queries/s, peak memory, and the FLOP floor."""
     import numpy as np
@@ -352,7 +377,7 @@ def bench_infer(args: argparse.Namespace, config: Config, minutes: float, window
             _sync(device)
             runs.append((time.perf_counter() - t0, timings["encode"], timings["decode"]))
         total, enc_s, dec_s = (float(np.median([r[i] for r in runs])) for i in range(3))
-        row = {
+        row: dict[str, Any] = {
             "queries": q,
             "runs": len(runs),
             "total_s": total,
@@ -407,7 +432,10 @@ def _child(args: argparse.Namespace) -> int:
     config = bench_config(args.preset, args.overrides)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    result = bench_train(args, config) if args.part == "train" else bench_infer(args, config, args.minutes, args.window)
+    shape = sizes(args)
+    result = (
+        bench_train(shape, config) if args.part == "train" else bench_infer(shape, config, args.minutes, args.window)
+    )
     print("RESULT " + json.dumps(result))
     return 0
 

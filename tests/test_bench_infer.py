@@ -13,7 +13,9 @@ def test_inference_rows_count_flops_per_query_and_the_floor() -> None:
     args = bench.build_parser().parse_args([*_tiny(), "--queries", "4", "1", "--repeats", "2"])
     cfg = bench.bench_config(args.preset, args.overrides)
     torch.set_num_threads(1)
-    r = bench.bench_infer(args, cfg, 2.0, 40)  # 2 minutes at 5 fps = 600 frames, windows of 40 at stride 20: 29 windows
+    r = bench.bench_infer(
+        bench.sizes(args), cfg, 2.0, 40
+    )  # 2 minutes at 5 fps = 600 frames, windows of 40 at stride 20: 29 windows
     assert (r["frames"], r["windows"], r["top_k"]) == (600, 29, 29)
     assert [row["queries"] for row in r["by_queries"]] == [1, 4]  # ascending
     assert [row["runs"] for row in r["by_queries"]] == [2, 1]  # repeats at Q = 1 only

@@ -200,7 +200,7 @@ def test_bench_inference_on_cuda_in_bf16(cuda: torch.device) -> None:
 
     tiny = ["--preset", "tiny", "--feature-dim", "32", "--peak-seconds", "0.2", "--queries", "1", "8", "--repeats", "1"]
     args = bench.build_parser().parse_args(["train.device=cuda", "train.precision=bf16", *tiny])
-    r = bench.bench_infer(args, bench.bench_config(args.preset, args.overrides), 2.0, 40)
+    r = bench.bench_infer(bench.sizes(args), bench.bench_config(args.preset, args.overrides), 2.0, 40)
     assert r["kernels"] == "eager" and set(r["matmul_peak"]) == {"torch", "flops_per_s"}
     for row in r["by_queries"]:
         assert row["peak_cuda_gib"] > 0 and row["predictions"] >= 1
