@@ -11,7 +11,7 @@ inference at the MAD sizes: 10 min / 1 h / 2 h movies at 5 fps, windows of 300 a
 stride, top-30 windows, Q = 1, 8 and 64 queries per video (one ``infer_video`` call: the video is projected once
 and the queries' pairs share the encoder passes).  Per row: latency per query, queries/s, peak memory, the FLOPs
 per query counted by torch on the eager model, the floor they need at the matmul peak measured in the same child
-(the faster of MKL and oneDNN on a CPU), and latency / floor.  ``--device cuda --precision bf16`` runs the same
+(the faster of MKL and oneDNN on a CPU), and latency / floor.  ``train.device=cuda train.precision=bf16`` runs the same
 table under bf16 autocast on a GPU, its floor at the measured bf16 matmul peak.
 """
 
@@ -24,10 +24,78 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.common import remove_flags, run_guarded
+from rgnet.config import Config
 from rgnet.io import atomic_write_json
+
+# The benchmark's settings that are config keys (positional key=value), with the benchmark's own defaults
+BENCH_DEFAULTS = {
+    "train.device": "cpu",
+    "train.precision": "fp32",  # autocast dtype on CUDA
+    "train.batch_size": 8,  # queries per training step (pairs = B^2)
+    "train.threads": 0,  # torch threads (0 = torch's default)
+    "data.fps": 5.0,  # feature rate of the inference videos
+    "eval.top_k_windows": 30,  # windows decoded per query
+    "eval.kernels": "fused",  # CPU inference kernels
+}
+REMOVED_FLAGS = {  # the flags these keys replaced
+    "--device": "train.device",
+    "--precision": "train.precision",
+    "--batch-size": "train.batch_size",
+    "--threads": "train.threads",
+    "--fps": "data.fps",
+    "--top-k": "eval.top_k_windows",
+    "--window-chunk": "eval.window_chunk",
+    "--kernels": "eval.kernels",
+}
+FULL_SIZE_MODEL = {  # the default model: full-size RGNet (the paper's widths)
+    "hidden_dim": 256,
+    "num_heads": 8,
+    "ffn_dim": 2048,
+    "cross_layers": 2,
+    "retrieval_layers": 2,
+    "decoder_layers": 6,
+    "num_queries": 5,
+    "input_dropout": 0.5,
+}
+
+
+def bench_config(preset: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """The benchmark's config: ``preset`` (else the embedded default with the full-size model), the benchmark's
+    defaults (:data:`BENCH_DEFAULTS`), then ``overrides``."""
+    from rgnet.config import apply_overrides, from_dict, load_config
+
+    base = load_config(preset) if preset else from_dict({"model": FULL_SIZE_MODEL})
+    return apply_overrides(base, [*(f"{k}={v}" for k, v in BENCH_DEFAULTS.items()), *overrides])
+
+
+@dataclass(frozen=True)
+class BenchSizes:
+    """The benchmark's own sizes (not config keys): frames per training window, feature width, timed training steps,
+    queries per video (ascending), timed runs at Q = 1, and the seconds of each matmul peak measurement."""
+
+    window_frames: int = 300
+    feature_dim: int = 512
+    train_steps: int = 4
+    queries: tuple[int, ...] = (1, 8, 64)
+    repeats: int = 3
+    peak_seconds: float = 2.0
+
+
+def sizes(args: argparse.Namespace) -> BenchSizes:
+    return BenchSizes(
+        window_frames=args.window_frames,
+        feature_dim=args.feature_dim,
+        train_steps=args.train_steps,
+        queries=tuple(args.queries),
+        repeats=args.repeats,
+        peak_seconds=args.peak_seconds,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,17 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="bench_model.json", help="JSON file for the results (default: %(default)s)")
     p.add_argument("--preset", default=None, help="take the model config from this preset (default: full-size RGNet)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype on CUDA")
-    p.add_argument("--batch-size", type=int, default=8, help="queries per training step (pairs = B^2)")
     p.add_argument("--window-frames", type=int, default=300, help="frames per training window")
     p.add_argument("--feature-dim", type=int, default=512, help="video and text feature width")
     p.add_argument("--train-steps", type=int, default=4, help="timed training steps (after 1 warm-up step)")
-    p.add_argument("--fps", type=float, default=5.0, help="feature rate of the inference videos")
     p.add_argument(
         "--infer-windows", type=int, nargs="+", default=[300, 900], help="window lengths W (frames) at inference"
     )
-    p.add_argument("--top-k", type=int, default=30, help="windows decoded per query")
     p.add_argument(
         "--video-minutes", type=float, nargs="+", default=[10, 60, 120], help="inference video lengths (minutes)"
     )
@@ -66,36 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repeats", type=int, default=3, help="timed inference runs at Q = 1 (median reported; one run at Q > 1)"
     )
-    p.add_argument("--window-chunk", type=int, default=0, help="eval.window_chunk at inference (0 = the default)")
-    p.add_argument("--kernels", choices=["fused", "eager"], default="fused", help="eval.kernels at inference on CPU")
     p.add_argument("--no-train", action="store_true", help="skip the training-step benchmark")
     p.add_argument("--peak-seconds", type=float, default=2.0, help="seconds of each matmul peak measurement")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--part", choices=["all", "train", "infer", "peak"], default="all", help=argparse.SUPPRESS)
     p.add_argument("--minutes", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--window", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="the benchmark's config (--preset's model, else full-size RGNet) read from these keys: "
+        + ", ".join(f"{k} (default {v})" for k, v in BENCH_DEFAULTS.items())
+        + ", eval.window_chunk and model.*; give them before list options such as --queries",
+    )
+    remove_flags(p, {flag: f"give {key}=VALUE instead" for flag, key in REMOVED_FLAGS.items()})
     return p
 
 
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
-
-def _model_config(args: argparse.Namespace) -> Any:
-    from rgnet.config import ModelConfig, load_config
-
-    if args.preset:
-        return load_config(args.preset).model
-    return ModelConfig(
-        hidden_dim=256,
-        num_heads=8,
-        ffn_dim=2048,
-        cross_layers=2,
-        retrieval_layers=2,
-        decoder_layers=6,
-        num_queries=5,
-        input_dropout=0.5,
-    )
 
 
 def _sync(device: Any) -> None:
@@ -139,43 +191,44 @@ def bench_matmul_peak(device: Any, precision: str = "fp32", seconds: float = 2.0
     return out
 
 
-def bench_train(args: argparse.Namespace) -> dict[str, Any]:
+def bench_train(args: BenchSizes, config: Config) -> dict[str, Any]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from rgnet.config import Config, LossConfig, OptimConfig, TrainConfig
-    from rgnet.model import Criterion, build_model, build_pairs
-    from rgnet.train.loop import build_optimizer, build_scheduler, train_step
+    from rgnet.model import Criterion, build_model
+    from rgnet.train.loop import build_optimizer, build_scheduler, resolve_device, train_step
 
-    device = torch.device(args.device)
+    device = resolve_device(config.train.device)
+    precision = config.train.precision
     torch.manual_seed(0)
-    mcfg = _model_config(args)
-    b, lv, d = args.batch_size, args.window_frames, args.feature_dim
+    mcfg = config.model
+    b, lv, d = config.train.batch_size, args.window_frames, args.feature_dim
     model = build_model(mcfg, d, d).to(device)
     cfg = Config(
-        model=mcfg, loss=LossConfig(), optim=OptimConfig(), train=TrainConfig(precision=args.precision, batch_size=b)
+        model=mcfg, loss=LossConfig(), optim=OptimConfig(), train=TrainConfig(precision=precision, batch_size=b)
     )
     criterion = Criterion(cfg.loss).to(device)
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, 100)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and args.precision == "fp16")
-    pw, pt, pp = build_pairs(b, "in_batch", torch.full((b,), -1))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "fp16")
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(lv // 2, lv + 1, (b,), generator=g)
     lengths[0] = lv
+    # one process's whole global step, as rgnet.data.samples.collate_shard delivers it (train_step assembles the
+    # pairs); no same-video negatives: the pairs are the B x B in-batch ones
     batch = {
         "video": torch.randn(b, lv, d, generator=g),
-        "video_mask": torch.arange(lv)[None] < lengths[:, None],
+        "video_len": lengths,
         "text": torch.nn.functional.normalize(torch.randn(b, 20, d, generator=g), dim=-1),
         "text_mask": torch.ones(b, 20, dtype=torch.bool),
         "span_cw": torch.tensor([[0.5, 0.2]]).repeat(b, 1),
-        "in_frame": torch.zeros(b, dtype=torch.long) + 10,
-        "out_frame": torch.zeros(b, dtype=torch.long) + 100,
-        "neg_window": torch.full((b,), -1),
-        "pair_window": pw,
-        "pair_text": pt,
-        "positive_pair": pp,
+        "in_frame": torch.full((b,), lv // 2),  # inside the moment (centre 0.5, width 0.2) and every window
+        "out_frame": torch.full((b,), lv // 10),  # outside it
+        "neg_video": torch.zeros(b, lv, d),
+        "neg_len": torch.zeros(b, dtype=torch.long),
     }
+    pairs = b * b
     train_step(model, criterion, batch, opt, sched, cfg, device, scaler)  # warm-up
     _sync(device)
     t0 = time.perf_counter()
@@ -186,14 +239,14 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     with FlopCounterMode(display=False) as fc:
         train_step(model, criterion, batch, opt, sched, cfg, device, scaler)
     flops = fc.get_total_flops()
-    peak = bench_matmul_peak(device, args.precision, args.peak_seconds)["flops_per_s"]
+    peak = bench_matmul_peak(device, precision, args.peak_seconds)["flops_per_s"]
     out = {
         "batch_queries": b,
-        "pairs_per_step": int(pw.numel()),
+        "pairs_per_step": pairs,
         "window_frames": lv,
         "step_seconds": step_s,
         "queries_per_s": b / step_s,
-        "window_pairs_per_s": pw.numel() / step_s,
+        "window_pairs_per_s": pairs / step_s,
         "flops_per_step": flops,
         "achieved_flops_per_s": flops / step_s,
         "matmul_peak_flops_per_s": peak,
@@ -206,8 +259,8 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _inference_item(args: argparse.Namespace, minutes: float, window: int, num_queries: int) -> Any:
-    """A random video of ``minutes`` at ``args.fps`` and ``num_queries`` random 20-word queries about it."""
+def _inference_item(args: BenchSizes, fps: float, minutes: float, window: int, num_queries: int) -> Any:
+    """A random video of ``minutes`` at ``fps`` and ``num_queries`` random 20-word queries about it."""
     import numpy as np
     import torch
 
@@ -216,10 +269,10 @@ def _inference_item(args: argparse.Namespace, minutes: float, window: int, num_q
     from rgnet.data.windows import window_bounds
 
     d = args.feature_dim
-    frames_n = round(minutes * 60 * args.fps)
-    spec = WindowSpec(window, window // 2, args.fps)
+    frames_n = round(minutes * 60 * fps)
+    spec = WindowSpec(window, window // 2, fps)
     rng = np.random.default_rng(0)
-    duration = frames_n / args.fps
+    duration = frames_n / fps
     return VideoItem(
         video_key="bench",
         duration_sec=duration,
@@ -268,7 +321,7 @@ def _count_flops(model: Any, item: Any, cfg: Any, device: Any) -> dict[str, int]
     return {"project": fc.get_total_flops(), **flops}
 
 
-def bench_infer(args: argparse.Namespace, minutes: float, window: int) -> dict[str, Any]:
+def bench_infer(args: BenchSizes, config: Config, minutes: float, window: int) -> dict[str, Any]:
     """Latency per query at each Q of ``args.queries`` (Q queries about one video of ``minutes``, windows of
     ``window`` frames), with the encoder and decoder timed separately, queries/s, peak memory, and the FLOP floor."""
     import numpy as np
@@ -278,17 +331,17 @@ def bench_infer(args: argparse.Namespace, minutes: float, window: int) -> dict[s
     from rgnet.eval.inference import infer_video
     from rgnet.model import build_model
     from rgnet.model.fused import inference_model
-    from rgnet.train.loop import autocast_context
+    from rgnet.train.loop import autocast_context, resolve_device
 
-    device = torch.device(args.device)
+    device = resolve_device(config.train.device)
+    precision = config.train.precision
     torch.manual_seed(0)
     d = args.feature_dim
-    model = build_model(_model_config(args), d, d).to(device).eval()
+    model = build_model(config.model, d, d).to(device).eval()
     qs = sorted(set(args.queries))
-    item = _inference_item(args, minutes, window, qs[-1])
-    cfg = EvalConfig(top_k_windows=args.top_k, kernels=args.kernels)
-    if args.window_chunk:
-        cfg.window_chunk = args.window_chunk
+    item = _inference_item(args, config.data.fps, minutes, window, qs[-1])
+    ev = config.eval
+    cfg = EvalConfig(top_k_windows=ev.top_k_windows, kernels=ev.kernels, window_chunk=ev.window_chunk)
     run = inference_model(model, cfg, device)  # what infer_video runs: the fused copy on a CPU (cached)
     timings: dict[str, float] = {"encode": 0.0, "decode": 0.0}
 
@@ -310,7 +363,7 @@ def bench_infer(args: argparse.Namespace, minutes: float, window: int) -> dict[s
 
     def infer(q: int) -> Any:
         sub = item if q == len(item.records) else _first_queries(item, q)
-        with autocast_context(device, args.precision):
+        with autocast_context(device, precision):
             return infer_video(model, sub, cfg, device)
 
     infer(1)  # warm-up: allocator, oneDNN kernels
@@ -324,7 +377,7 @@ def bench_infer(args: argparse.Namespace, minutes: float, window: int) -> dict[s
             _sync(device)
             runs.append((time.perf_counter() - t0, timings["encode"], timings["decode"]))
         total, enc_s, dec_s = (float(np.median([r[i] for r in runs])) for i in range(3))
-        row = {
+        row: dict[str, Any] = {
             "queries": q,
             "runs": len(runs),
             "total_s": total,
@@ -342,9 +395,9 @@ def bench_infer(args: argparse.Namespace, minutes: float, window: int) -> dict[s
     # FLOPs (counted by torch on the eager model) and the time they need at the measured matmul peak: a floor no
     # implementation of this computation reaches on this machine
     del run.encode, run.decode
-    with autocast_context(device, args.precision):
+    with autocast_context(device, precision):
         flops = _count_flops(model, item, cfg, device)
-    peak = bench_matmul_peak(device, args.precision, args.peak_seconds)
+    peak = bench_matmul_peak(device, precision, args.peak_seconds)
     for row in rows:
         q = row["queries"]
         per_query = flops["project"] / q + flops["encode"] + flops["decode"]
@@ -358,7 +411,7 @@ def bench_infer(args: argparse.Namespace, minutes: float, window: int) -> dict[s
         "window_frames": window,
         "frames": int(item.frames.shape[0]),
         "windows": len(item.bounds),
-        "top_k": min(args.top_k, len(item.bounds)),
+        "top_k": min(cfg.top_k_windows, len(item.bounds)),
         "window_chunk": cfg.window_chunk,
         "kernels": cfg.kernels if device.type == "cpu" else "eager",
         "flops": flops,
@@ -376,9 +429,13 @@ def _first_queries(item: Any, q: int) -> Any:
 def _child(args: argparse.Namespace) -> int:
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = bench_train(args) if args.part == "train" else bench_infer(args, args.minutes, args.window)
+    config = bench_config(args.preset, args.overrides)
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    shape = sizes(args)
+    result = (
+        bench_train(shape, config) if args.part == "train" else bench_infer(shape, config, args.minutes, args.window)
+    )
     print("RESULT " + json.dumps(result))
     return 0
 
@@ -397,51 +454,97 @@ def _run_child(argv: list[str]) -> dict[str, Any]:
     raise RuntimeError(f"benchmark child {argv} failed:\n{proc.stderr[-3000:]}")
 
 
+def data_parser() -> argparse.ArgumentParser:
+    """``rgnet bench --data``: the options of :func:`pipelines.ray_data_bench.run_data_bench`."""
+    from pipelines import ray_data_bench
+
+    p = argparse.ArgumentParser(prog="rgnet bench --data", description=(ray_data_bench.__doc__ or "").split("\n\n")[0])
+    p.add_argument("--data", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", default="bench_data.json", help="JSON file for the results (default: %(default)s)")
+    p.add_argument("--preset", default=None, help="dataset from this preset (default: the embedded default)")
+    p.add_argument("--budget-mib", type=float, default=16.0, help="Ray Data object-store budget (default: 16)")
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up epoch (default: 2)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/tmp/d")
+    return p
+
+
+def quality_parser() -> argparse.ArgumentParser:
+    """``rgnet bench --quality``: the options of :func:`pipelines.quality_bench.run_quality_bench`."""
+    from pipelines import quality_bench
+
+    p = argparse.ArgumentParser(
+        prog="rgnet bench --quality", description=(quality_bench.__doc__ or "").split("\n\n")[0]
+    )
+    p.add_argument("--quality", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated train.seed values (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training process (default: 1)")
+    p.add_argument("--parallel", type=int, default=2, help="local runs at a time (default: 2)")
+    p.add_argument("--out", default="runs/quality", help="folder for the runs and the table (default: %(default)s)")
+    p.add_argument("--preset", default=None, help="config preset (default: the embedded default)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both paths")
+    return p
+
+
+def _data_main(argv: list[str]) -> int:
+    from pipelines.ray_data_bench import run_data_bench
+
+    args = data_parser().parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    results = run_data_bench(
+        preset=args.preset, overrides=args.overrides, budget_mib=args.budget_mib, epochs=args.epochs
+    )
+    atomic_write_json(args.out, results)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _quality_main(args: argparse.Namespace) -> int:
+    from pipelines.quality_bench import QualityOptions, run_quality_bench
+
+    opts = QualityOptions(
+        seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
+        threads=args.threads,
+        parallel=args.parallel,
+        out=args.out,
+        preset=args.preset,
+        overrides=tuple(args.overrides),
+    )
+    run_quality_bench(opts)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--data" in argv:  # the Ray Data pipeline benchmark has its own options
-        from pipelines import bench_data
-
-        return bench_data.main(argv)
+        return run_guarded(_data_main, argv)
     if "--quality" in argv:  # local vs distributed training over seeds: its own options
-        from pipelines import bench_quality
-
-        return bench_quality.main(argv)
+        return run_guarded(_quality_main, quality_parser().parse_args(argv))
     args = build_parser().parse_args(argv)
     if args.part != "all":
         return _child(args)
+    return run_guarded(_bench, args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    config = bench_config(args.preset, args.overrides)  # a bad key or value fails here, before any child
     common = [
-        "--device",
-        args.device,
-        "--precision",
-        args.precision,
-        "--batch-size",
-        str(args.batch_size),
         "--window-frames",
         str(args.window_frames),
         "--feature-dim",
         str(args.feature_dim),
         "--train-steps",
         str(args.train_steps),
-        "--fps",
-        str(args.fps),
-        "--top-k",
-        str(args.top_k),
-        "--threads",
-        str(args.threads),
         "--repeats",
         str(args.repeats),
-        "--window-chunk",
-        str(args.window_chunk),
-        "--kernels",
-        args.kernels,
-        "--queries",
-        *map(str, args.queries),
         "--peak-seconds",
         str(args.peak_seconds),
-    ] + (["--preset", args.preset] if args.preset else [])
+        *(["--preset", args.preset] if args.preset else []),
+        *args.overrides,  # before --queries, whose list would take them
+        "--queries",
+        *map(str, args.queries),
+    ]
     results: dict[str, Any] = {
-        "machine": machine_info(args),
+        "machine": machine_info(config),
     }
     if not args.no_train:
         print("training step ...", flush=True)
@@ -461,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
             r = _run_child([*common, "--part", "infer", "--minutes", str(minutes), "--window", str(window)])
             results["inference"].append(r)
     results["machine"]["load_after"] = _load_average()
-    print(inference_table(results["inference"], args.device, args.precision))
+    print(inference_table(results["inference"], config.train.device, config.train.precision))
     atomic_write_json(args.out, results)
     print(f"wrote {args.out}")
     return 0
@@ -471,7 +574,7 @@ def _load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def machine_info(args: argparse.Namespace) -> dict[str, Any]:
+def machine_info(config: Config) -> dict[str, Any]:
     """What the numbers depend on: CPU model and count, torch, threads, device and precision, and the load average
     (1, 5, 15 min) when the benchmark started (other work on the machine slows every number down)."""
     import platform
@@ -488,12 +591,12 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
         "cpu": cpu,
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
-        "threads": args.threads or torch.get_num_threads(),
-        "device": args.device,
-        "precision": args.precision if args.device != "cpu" else "fp32",
+        "threads": config.train.threads or torch.get_num_threads(),
+        "device": config.train.device,
+        "precision": config.train.precision if config.train.device != "cpu" else "fp32",
         "load_before": _load_average(),
     }
-    if args.device.startswith("cuda") and torch.cuda.is_available():
+    if config.train.device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
 

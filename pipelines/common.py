@@ -31,6 +31,24 @@ def add_config_args(parser: argparse.ArgumentParser, default_preset: str | None 
     )
 
 
+class _Removed(argparse.Action):
+    """A flag that is gone: using it exits 2 with one line saying what to give instead."""
+
+    def __init__(self, option_strings: list[str], dest: str, instead: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.instead = instead
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: str | None = None) -> None:
+        parser.exit(2, f"{parser.prog}: error: {option} was removed: {self.instead}\n")
+
+
+def remove_flags(parser: argparse.ArgumentParser, removed: dict[str, str]) -> None:
+    """Flags that are gone (``{flag: what to give instead}``): passing one exits 2 with one line naming the new form;
+    hidden from ``--help``."""
+    for flag, instead in removed.items():
+        parser.add_argument(flag, action=_Removed, instead=instead, nargs="*", default=None, help=argparse.SUPPRESS)
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.preset, args.config, args.overrides)
 

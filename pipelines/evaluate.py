@@ -11,21 +11,19 @@ Checkpoint mode runs two-stage inference with a trained model on a split of its 
 the model is a checkpoint file (``--checkpoint runs/NAME/best.pt``) or the best model a distributed run logged to
 MLflow (``--model-uri runs:/<run_id>/model`` or ``models:/<name>/<version>``, with ``--tracking-uri``).
 
-Each mode is one function returning the report (``evaluate_prediction_file``, ``evaluate_checkpoint``); ``main``
-only parses, dispatches and prints.
+Each mode is one function returning the report (``pipelines.evaluation.evaluate_prediction_file`` and
+``evaluate_checkpoint``); ``main`` only parses, dispatches and prints.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from typing import Any, get_args
+from typing import get_args
 
-from pipelines.common import fail, run_guarded, setup_logging, split_name
-from rgnet.config import ConfigError, DataConfig, EvalConfig, Layout, Profile
-
-log = logging.getLogger("rgnet.evaluate")
+from pipelines.common import fail, remove_flags, run_guarded, setup_logging
+from pipelines.evaluation import PredictionFileOptions, evaluate_checkpoint, evaluate_prediction_file
+from rgnet.config import DataConfig, EvalConfig, Layout, Profile
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,14 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ck.add_argument("--predictions-out", metavar="FILE", help="also write the predictions (JSON Lines)")
     ck.add_argument(
-        "--set",
-        dest="overrides",
+        "overrides",
         nargs="*",
         default=[],
         metavar="key=value",
-        help="config overrides on top of the checkpoint's config, e.g. eval.top_k_windows=10 "
+        help="checkpoint mode: config overrides on top of the checkpoint's config, e.g. eval.top_k_windows=10 "
         "data.root=/other/copy (model keys cannot change)",
     )
+    remove_flags(p, {"--set": "give the overrides as positional key=value (e.g. eval.top_k_windows=10)"})
 
     met = p.add_argument_group("metrics")
     met.add_argument(
@@ -162,107 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_metric_args(args: argparse.Namespace) -> None:
-    if not args.annotations:
-        raise ConfigError("--predictions needs --annotations FILE (the ground truth to score against)")
-    if any(k < 1 for k in [*args.recall_ks, *args.retrieval_ks]):
-        raise ConfigError(f"--recall-ks and --retrieval-ks must be >= 1, got {args.recall_ks} / {args.retrieval_ks}")
-    if any(not 0 <= m < 1 for m in args.iou):
-        raise ConfigError(f"--iou thresholds must lie in [0, 1), got {args.iou}")
-    if args.max_predictions is not None and args.max_predictions < 1:
-        raise ConfigError(f"--max-predictions must be >= 1, got {args.max_predictions}")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Mode: prediction file
-# ---------------------------------------------------------------------------------------------------------------
-def evaluate_prediction_file(args: argparse.Namespace) -> dict[str, Any]:
-    """Read, check and score a prediction file; write the requested exports. Returns the metric report."""
-    _check_metric_args(args)
-    from rgnet.data.dataset import read_annotations
-    from rgnet.eval.metrics import evaluate
-    from rgnet.eval.predictions import read_predictions, write_cone_mad, write_ego4d_challenge, write_moment_detr
-
-    rows = read_predictions(args.predictions)
-    # Read every record and drop zero-length moments here rather than in the reader: a prediction file made on the
-    # full split still has rows for them, which must be set aside (and counted), not reported as unknown queries.
-    all_records, _ = read_annotations(  # the reader logs what it skipped
-        args.layout, args.annotations, mad_gt_field=args.mad_gt_field, drop_zero_length=False
-    )
-    records, kept_rows = list(all_records), rows
-    zero_ids: set[str] = set()
-    if not args.keep_zero_length:
-        zero_ids = {r.query_id for r in all_records if r.end_sec == r.start_sec}  # as the reader's flag
-        records = [r for r in all_records if r.query_id not in zero_ids]
-        kept_rows = [r for r in rows if r.query_id not in zero_ids]
-        if zero_ids:
-            log.warning(
-                "dropped %d zero-length ground-truth moments (and %d prediction rows for them); "
-                "--keep-zero-length scores them",
-                len(zero_ids),
-                len(rows) - len(kept_rows),
-            )
-
-    report = evaluate(
-        kept_rows,
-        records,
-        profile=args.profile,
-        recall_ks=args.recall_ks,
-        iou_thresholds=args.iou,
-        retrieval_ks=args.retrieval_ks,
-        max_predictions=args.max_predictions,
-        source=str(args.predictions),
-    )
-    report["predictions_file"] = str(args.predictions)
-    report["annotations_file"] = str(args.annotations)
-    report["layout"] = args.layout
-    report["num_zero_length_dropped"] = len(zero_ids)
-
-    # Exports hold one entry per record of the file, zero-length ones included (a challenge server scores them too),
-    # capped as the metrics were: what is submitted is what was scored here.
-    exports = (
-        (args.export_ego4d, write_ego4d_challenge, "the Ego4D challenge submission"),
-        (args.export_moment_detr, write_moment_detr, "the Moment-DETR submission"),
-        (args.export_cone_mad, write_cone_mad, "CONE's MAD submission"),
-    )
-    for path, write, what in exports:
-        if path:
-            write(path, rows, all_records, max_predictions=args.max_predictions, source=args.predictions)
-            log.info("wrote %s to %s", what, path)
-    return report
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Mode: model checkpoint on a split
-# ---------------------------------------------------------------------------------------------------------------
-def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
-    """Two-stage inference of a checkpoint on a split of its dataset; the metrics come from the checkpoint's config
-    (eval.*) unless overridden with --set."""
-    from pipelines.runtime import load_model_uri
-    from rgnet.config import apply_overrides
-    from rgnet.data.dataset import open_split
-    from rgnet.eval.predictions import write_predictions
-    from rgnet.train.checkpoint import load_checkpoint, model_from_payload
-    from rgnet.train.loop import evaluate_model, resolve_device
-
-    payload = load_checkpoint(args.checkpoint) if args.checkpoint else load_model_uri(args.model_uri, args.tracking_uri)
-    model, cfg = model_from_payload(payload)
-    new_cfg = apply_overrides(cfg, args.overrides)
-    if new_cfg.model != cfg.model:
-        raise ConfigError("--set cannot change model.* keys of a trained checkpoint")
-    cfg = new_cfg
-    split = split_name(cfg, args.split)
-    device = resolve_device(cfg.train.device)
-    data = open_split(cfg.data, split)
-    report, rows = evaluate_model(model.to(device), data, cfg.windows, cfg.eval, device, progress=cfg.train.progress)
-    report["checkpoint"] = str(args.checkpoint or args.model_uri)
-    report["checkpoint_epoch"] = int(payload["epoch"])
-    report["split"] = split
-    if args.predictions_out:
-        write_predictions(args.predictions_out, rows)
-    return report
-
-
 def _main(args: argparse.Namespace) -> int:
     from rgnet.eval.metrics import format_table
     from rgnet.io import atomic_write_json
@@ -270,9 +167,34 @@ def _main(args: argparse.Namespace) -> int:
     if sum(bool(x) for x in (args.predictions, args.checkpoint, args.model_uri)) > 1:
         return fail("give one of --predictions (with --annotations), --checkpoint or --model-uri")
     if args.predictions:
-        report = evaluate_prediction_file(args)
+        if args.overrides:
+            return fail(f"key=value overrides ({' '.join(args.overrides)}) apply to a checkpoint, not to --predictions")
+        report = evaluate_prediction_file(
+            PredictionFileOptions(
+                predictions=args.predictions,
+                annotations=args.annotations,
+                layout=args.layout,
+                mad_gt_field=args.mad_gt_field,
+                keep_zero_length=args.keep_zero_length,
+                profile=args.profile,
+                recall_ks=tuple(args.recall_ks),
+                iou=tuple(args.iou),
+                retrieval_ks=tuple(args.retrieval_ks),
+                max_predictions=args.max_predictions,
+                export_ego4d=args.export_ego4d,
+                export_moment_detr=args.export_moment_detr,
+                export_cone_mad=args.export_cone_mad,
+            )
+        )
     elif args.checkpoint or args.model_uri:
-        report = evaluate_checkpoint(args)
+        report = evaluate_checkpoint(
+            checkpoint=args.checkpoint,
+            model_uri=args.model_uri,
+            tracking_uri=args.tracking_uri,
+            split=args.split,
+            overrides=args.overrides,
+            predictions_out=args.predictions_out,
+        )
     else:
         return fail(
             "give --predictions FILE --annotations FILE, --checkpoint FILE or --model-uri URI "

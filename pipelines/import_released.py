@@ -80,7 +80,7 @@ def _main(args: argparse.Namespace) -> int:
     root = result.config.data.root
     print(
         f"\nwrote {ckpt} and {config}\nnext:\n"
-        f"  rgnet evaluate --checkpoint {c} --split test --set data.root={shlex.quote(root)}   "
+        f"  rgnet evaluate --checkpoint {c} --split test data.root={shlex.quote(root)}   "
         "# data.root: where the dataset is\n"
         f"  rgnet predict --checkpoint {c} --video FEATURES.h5:KEY --query-features TOKENS.h5:KEY\n"
         f"  rgnet train --config {f} --init-from {c} [key=value ...]   # fine-tune (--local: one process)"

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipelines.common import add_config_args, config_from_args, run_guarded
+from pipelines.common import add_config_args, config_from_args, remove_flags, run_guarded
 from rgnet.config import Config, apply_overrides, available_presets, load_config
 
 LAYOUTS = ("mad", "ego4d", "native")
@@ -52,13 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", metavar="DIR", help="output folder (default: the preset's data.root)")
     s.add_argument("--seed", type=int, help="generator seed (default: the preset's data.synthetic.seed)")
     s.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
+        "overrides",
+        nargs="*",
         default=[],
         metavar="key=value",
-        help="config override, repeatable, e.g. --set data.synthetic.num_train_videos=4",
+        help="config overrides, e.g. data.synthetic.num_train_videos=4",
     )
+    remove_flags(s, {"--set": "give the overrides as positional key=value (e.g. data.synthetic.num_train_videos=4)"})
     s.add_argument(
         "--window-sec",
         type=float,

@@ -9,7 +9,7 @@ Every study is built on the commands that already exist; none trains or evaluate
                 Sampling loss as well), N seeds per row; shares the ``full`` runs with ``tab3``
 ``topk``        Fig. 5, evaluation only: R@K at IoU m against ``eval.top_k_windows`` (1, 3, 5, 10, 20, 30) for the
                 trained RGNet and the disjoint baseline of ``tab3`` (the same checkpoints, every seed), plus oracle
-                grounding; each point is ``rgnet evaluate --checkpoint ... --set eval.top_k_windows=k``
+                grounding; each point is ``rgnet evaluate --checkpoint ... eval.top_k_windows=k``
 ``oracle``      oracle grounding (``eval.oracle=true``: decode the ground-truth window only) against two-stage
                 inference, for both models of ``tab3``, every seed, with paired differences
 ``length``      Fig. 7, ``rgnet tune --space paper_length``: proposal length (``windows.length_sec``) x {RGNet,
@@ -45,12 +45,13 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipelines import ablate
+from pipelines import ablation
 from pipelines.common import run_guarded, setup_logging
 from rgnet.config import Config, ConfigError, load_config
 from rgnet.eval.stats import paired_difference, t_interval
@@ -96,6 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclass(frozen=True)
+class StudyOptions:
+    """One study: which, over which seeds (None: the study's default), torch threads per local run, local runs and
+    Tune trials at once, start over, MLflow on or off (None: ``tracking.enabled``), preset and config overrides."""
+
+    study: str
+    seeds: tuple[int, ...] | None = None
+    threads: int = 1
+    parallel: int = 2
+    concurrency: int = 1
+    fresh: bool = False
+    tracking: bool | None = None
+    preset: str | None = None
+    overrides: tuple[str, ...] = ()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Shared pieces
 # ---------------------------------------------------------------------------------------------------------------
@@ -111,24 +128,17 @@ def _paired(a: list[float], b: list[float], seeds: list[int]) -> dict[str, Any]:
 
 
 def _diff_cell(d: dict[str, Any]) -> str:
-    text = ablate.fmt_interval(d, signed=True)
-    return f"**{text}**" if ablate.verdict(d) != "undecided" else text
+    text = ablation.fmt_interval(d, signed=True)
+    return f"**{text}**" if ablation.verdict(d) != "undecided" else text
 
 
-def _seeds(args: argparse.Namespace, default: int) -> list[int]:
-    return ablate.parse_seeds(args.seeds if args.seeds is not None else default, args.seed_list)
+def _seeds(opts: StudyOptions, default: int) -> list[int]:
+    return list(opts.seeds) if opts.seeds is not None else ablation.parse_seeds(default, None)
 
 
-def _base(args: argparse.Namespace, space_name: str) -> tuple[Any, Config]:
-    from pipelines.common import resolve_space_path
-    from rgnet.search_space import load_space
-
-    space = load_space(resolve_space_path(space_name))
-    if args.preset:
-        import dataclasses
-
-        space = dataclasses.replace(space, preset=args.preset)
-    return space, space.base_config(list(args.overrides))
+def _base(opts: StudyOptions, space_name: str) -> tuple[Any, Config]:
+    space = ablation.load_table_space(space_name, opts.preset)
+    return space, space.base_config(list(opts.overrides))
 
 
 def study_dir(cfg: Config, study: str) -> Path:
@@ -139,8 +149,8 @@ def runs_dir(cfg: Config) -> Path:
     return Path(cfg.train.output_dir).resolve() / RUNS_FOLDER
 
 
-def _tracking_on(args: argparse.Namespace, cfg: Config) -> bool:
-    return bool(cfg.tracking.enabled if args.tracking is None else args.tracking)
+def _tracking_on(opts: StudyOptions, cfg: Config) -> bool:
+    return bool(cfg.tracking.enabled if opts.tracking is None else opts.tracking)
 
 
 def attach_to_run(cfg: Config, run_key: str, files: Sequence[Path], artifact_path: str) -> str | None:
@@ -195,7 +205,7 @@ def step_differences(table: dict[str, Any], order: Sequence[str], split: str = "
         seeds = sorted(by[below])
         if seeds != sorted(by[above]):
             raise ValueError(f"{below} and {above} were trained with different seeds: {seeds} vs {sorted(by[above])}")
-        metrics = [m for m in ablate.TABLE_METRICS if m in by[below][seeds[0]] and m in by[above][seeds[0]]]
+        metrics = [m for m in ablation.TABLE_METRICS if m in by[below][seeds[0]] and m in by[above][seeds[0]]]
         steps.append(
             {
                 "from": above,
@@ -226,44 +236,38 @@ def steps_markdown(steps: list[dict[str, Any]], labels: dict[str, str]) -> str:
         parts = []
         for m in ("retrieval_R1", "R1@0.3"):
             if m in st["metrics"]:
-                parts.append(f"{m} {ablate.verdict(st['metrics'][m])} ({ablate.fmt_interval(st['metrics'][m], True)})")
+                d = st["metrics"][m]
+                parts.append(f"{m} {ablation.verdict(d)} ({ablation.fmt_interval(d, True)})")
         what = labels.get(st["to"], st["to"])
         lines.append(f"- {st['from']} -> {st['to']} ({what}): " + "; ".join(parts))
     return "\n".join(lines) + "\n"
 
 
-def run_table(args: argparse.Namespace, study: str) -> int:
-    space, base = _base(args, f"paper_{study}")
-    seeds = _seeds(args, 3)
+def run_table(opts: StudyOptions, study: str) -> int:
+    space, base = _base(opts, f"paper_{study}")
+    seeds = _seeds(opts, 3)
     out = study_dir(base, study)
-    argv = [
-        "--space",
-        f"paper_{study}",
-        "--name",
-        out.name,
-        "--runs-dir",
-        str(runs_dir(base)),
-        "--seed-list",
-        ",".join(map(str, seeds)),
-        "--threads",
-        str(args.threads),
-        "--parallel",
-        str(args.parallel),
-        *(["--preset", args.preset] if args.preset else []),
-        *(["--fresh"] if args.fresh else []),
-        *([] if args.tracking is None else ["--tracking" if args.tracking else "--no-tracking"]),
-        *args.overrides,
-    ]
-    code = ablate.main(argv)
-    if code:
-        return code
+    ablation.run_ablation(
+        ablation.AblationOptions(
+            space=f"paper_{study}",
+            preset=opts.preset,
+            name=out.name,
+            seeds=tuple(seeds),
+            threads=opts.threads,
+            parallel=opts.parallel,
+            runs_dir=str(runs_dir(base)),
+            fresh=opts.fresh,
+            tracking=opts.tracking,
+            overrides=tuple(opts.overrides),
+        )
+    )
     table = json.loads((out / "ablation.json").read_text())
     order = list(space.variants)
     steps = step_differences(table, order)
     text = (out / "ablation.md").read_text() + "\n" + steps_markdown(steps, space.labels)
     shutil.copyfile(out / "ablation.png", out / "study.png")
     _write(out, text, {"study": study, "ablation": str(out / "ablation.json"), "steps": steps})
-    if _tracking_on(args, base):
+    if _tracking_on(opts, base):
         attach_to_run(base, f"ablate:{out}", [out / "study.md", out / "study.json"], "study")
     return 0
 
@@ -272,7 +276,7 @@ def run_table(args: argparse.Namespace, study: str) -> int:
 # topk / oracle: evaluation only, on the checkpoints of tab3's RGNet and baseline
 # ---------------------------------------------------------------------------------------------------------------
 def evaluate_checkpoints(
-    args: argparse.Namespace, settings: dict[str, list[str]], out: Path
+    opts: StudyOptions, settings: dict[str, list[str]], out: Path
 ) -> tuple[dict[str, dict[int, dict[str, dict[str, Any]]]], list[int], Config]:
     """Reports of the RGNet and baseline checkpoints of ``tab3`` (trained first if missing) on the test split under
     each setting: ``{model: {seed: {setting: {"metrics", "decoded_windows"}}}}``.  Cached per (model, seed) in
@@ -285,24 +289,24 @@ def evaluate_checkpoints(
     from rgnet.train.checkpoint import load_model
     from rgnet.train.loop import resolve_device, set_threads
 
-    space, base = _base(args, "paper_tab3")
-    seeds = _seeds(args, 3)
-    configs, _ = ablate.prepare_runs(
+    space, base = _base(opts, "paper_tab3")
+    seeds = _seeds(opts, 3)
+    configs, _ = ablation.prepare_runs(
         space,
         [RGNET, BASELINE],
         seeds,
-        threads=args.threads,
-        parallel=args.parallel,
+        threads=opts.threads,
+        parallel=opts.parallel,
         runs=runs_dir(base),
-        overrides=list(args.overrides),
+        overrides=list(opts.overrides),
     )  # --fresh re-evaluates (below); it never retrains tab3's runs (`rgnet study tab3 --fresh` does)
-    set_threads(args.threads, 1)  # the runs' thread count: evaluation sums in its order too
+    set_threads(opts.threads, 1)  # the runs' thread count: evaluation sums in its order too
     results: dict[str, dict[int, dict[str, dict[str, Any]]]] = {RGNET: {}, BASELINE: {}}
     for (variant, seed), cfg in configs.items():
         ckpt = Path(cfg.train.output_dir) / cfg.train.run_name / "best.pt"
         cache = out / "evals" / variant / f"seed{seed}.json"
         stamp = {"checkpoint": str(ckpt), "mtime_ns": ckpt.stat().st_mtime_ns, "settings": settings}
-        if cache.exists() and not args.fresh:
+        if cache.exists() and not opts.fresh:
             saved = json.loads(cache.read_text())
             if {k: saved.get(k) for k in stamp} == stamp:
                 results[variant][seed] = saved["reports"]
@@ -333,14 +337,14 @@ def _series(
     return [float(results[model][s][setting]["metrics"][metric]) for s in seeds]
 
 
-def run_topk(args: argparse.Namespace) -> int:
+def run_topk(opts: StudyOptions) -> int:
     from rgnet.eval.plots import sweep_lines
     from rgnet.eval.sweep import ORACLE, topk_settings
 
-    _, base = _base(args, "paper_tab3")
+    _, base = _base(opts, "paper_tab3")
     out = study_dir(base, "topk")
     settings = topk_settings(TOPK_KS, oracle=True)
-    results, seeds, base = evaluate_checkpoints(args, settings, out)
+    results, seeds, base = evaluate_checkpoints(opts, settings, out)
     metrics = ("R1@0.3", "R1@0.5")
     rows: list[dict[str, Any]] = []
     for name in settings:
@@ -373,8 +377,8 @@ def run_topk(args: argparse.Namespace) -> int:
         cells = [label, f"{dec[RGNET]:.1f}"]
         for m in metrics:
             cells += [
-                ablate.fmt_interval(row[f"{RGNET}/{m}"]),
-                ablate.fmt_interval(row[f"{BASELINE}/{m}"]),
+                ablation.fmt_interval(row[f"{RGNET}/{m}"]),
+                ablation.fmt_interval(row[f"{BASELINE}/{m}"]),
                 _diff_cell(row[f"difference/{m}"]),
             ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -402,16 +406,16 @@ def run_topk(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_oracle(args: argparse.Namespace) -> int:
+def run_oracle(opts: StudyOptions) -> int:
     from rgnet.eval.plots import variant_bars
     from rgnet.eval.sweep import ORACLE
 
-    _, base = _base(args, "paper_tab3")
+    _, base = _base(opts, "paper_tab3")
     out = study_dir(base, "oracle")
     k = base.eval.top_k_windows
     two_stage = f"k{k}"
     settings = {two_stage: [f"eval.top_k_windows={k}", "eval.oracle=false"], ORACLE: ["eval.oracle=true"]}
-    results, seeds, base = evaluate_checkpoints(args, settings, out)
+    results, seeds, base = evaluate_checkpoints(opts, settings, out)
     cells: dict[str, dict[str, dict[str, Any]]] = {}
     for model in (RGNET, BASELINE):
         for name in settings:
@@ -439,7 +443,7 @@ def run_oracle(args: argparse.Namespace) -> int:
     for model in (RGNET, BASELINE):
         for name, title in ((two_stage, f"two-stage, top {k}"), (ORACLE, "oracle (GT window)")):
             row = cells[f"{model}/{name}"]
-            values = " | ".join(ablate.fmt_interval(row[m]) for m in GROUNDING)
+            values = " | ".join(ablation.fmt_interval(row[m]) for m in GROUNDING)
             lines.append(f"| {MODEL_NAMES[model]} | {title} | {values} |")
     lines += [
         "",
@@ -503,7 +507,7 @@ def best_trial_checkpoint(trial_dir: Path) -> Path:
 
 def evaluate_trial(checkpoint: Path, cache: Path, threads: int) -> dict[str, Any]:
     """Val and test reports of a checkpoint, by ``rgnet evaluate --checkpoint`` (cached with the checkpoint path)."""
-    from pipelines import evaluate
+    from pipelines.evaluation import evaluate_checkpoint
     from rgnet.train.loop import set_threads
 
     if cache.exists():
@@ -512,53 +516,49 @@ def evaluate_trial(checkpoint: Path, cache: Path, threads: int) -> dict[str, Any
             return dict(saved["reports"])
     set_threads(threads, 1)
     reports = {}
-    for split in ablate.SPLITS:
-        argv = ["--checkpoint", str(checkpoint), "--split", split, "--set", "train.progress=false"]
-        args = evaluate.build_parser().parse_args(argv)
-        reports[split] = evaluate.evaluate_checkpoint(args)
+    for split in ablation.SPLITS:
+        reports[split] = evaluate_checkpoint(
+            checkpoint=str(checkpoint), split=split, overrides=["train.progress=false"]
+        )
     atomic_write_json(cache, {"checkpoint": str(checkpoint), "reports": reports})
     return reports
 
 
-def run_sweep_study(args: argparse.Namespace, study: str) -> int:
-    from pipelines import tune
+def run_sweep_study(opts: StudyOptions, study: str) -> int:
     from pipelines.common import resolve_space_path
     from pipelines.runtime import resolve_paths
+    from pipelines.sweep import SweepOptions, run_sweep
     from rgnet.eval.plots import sweep_lines
     from rgnet.search_space import VARIANT_KEY, load_space
 
     space_name, key, axis, log_x = SWEEPS[study]
-    seeds = _seeds(args, 1)
+    seeds = _seeds(opts, 1)
     space_path = resolve_space_path(space_name)
-    _, base = _base(args, space_name)
+    _, base = _base(opts, space_name)
     out = study_dir(base, study)
     out.mkdir(parents=True, exist_ok=True)
     swept = seeded_space(space_path, seeds, out)
-    if args.preset:  # the copy carries the preset the study runs on
+    if opts.preset:  # the copy carries the preset the study runs on
         data = yaml.safe_load(swept.read_text())
-        data["preset"] = args.preset
+        data["preset"] = opts.preset
         atomic_write_text(swept, yaml.safe_dump(data, sort_keys=False))
     grid = load_space(swept)
-    overrides = list(args.overrides)
-    if args.tracking is not None:
-        overrides.append(f"tracking.enabled={str(args.tracking).lower()}")
-    argv = [
-        "--space",
-        str(swept),
-        "--name",
-        out.name,
-        "--trials",
-        str(grid.num_grid_points()),
-        "--concurrency",
-        str(args.concurrency),
-        "--grace-period",
-        str(10**6),  # no ASHA stop: every point of the grid trains all its epochs
-        *(["--fresh"] if args.fresh else []),
-        *overrides,
-    ]
-    code = tune.main(argv)
-    if code:
-        return code
+    overrides = list(opts.overrides)
+    if opts.tracking is not None:
+        overrides.append(f"tracking.enabled={str(opts.tracking).lower()}")
+    summary = run_sweep(
+        SweepOptions(
+            space=str(swept),
+            name=out.name,
+            trials=grid.num_grid_points(),
+            concurrency=opts.concurrency,
+            grace_period=10**6,  # no ASHA stop: every point of the grid trains all its epochs
+            fresh=opts.fresh,
+            overrides=tuple(overrides),
+        )
+    )
+    if summary.get("interrupted"):
+        return 130
     cfg = resolve_paths(grid.base_config(overrides))
     sweep = json.loads((Path(cfg.train.output_dir) / out.name / "sweep.json").read_text())
     trials_root = Path(cfg.ray.storage_path) / f"{out.name}-trials"
@@ -569,7 +569,7 @@ def run_sweep_study(args: argparse.Namespace, study: str) -> int:
             log.warning("trial %s did not finish (%s): left out of the table", row["trial_id"], why)
             continue
         ckpt = best_trial_checkpoint(trials_root / f"{out.name}-{row['trial_id']}")
-        reports = evaluate_trial(ckpt, out / "trials" / f"{row['trial_id']}.json", args.threads)
+        reports = evaluate_trial(ckpt, out / "trials" / f"{row['trial_id']}.json", opts.threads)
         point = row["point"]
         trials.append(
             {
@@ -602,7 +602,7 @@ def run_sweep_study(args: argparse.Namespace, study: str) -> int:
         log_x=log_x,
     )
     _write(out, text, {"study": study, "key": key, "seeds": seeds, "trials": trials, **data})
-    if _tracking_on(args, cfg):
+    if _tracking_on(opts, cfg):
         sweep_dir = f"{cfg.ray.storage_path.rstrip('/')}/{out.name}"
         attach_to_run(cfg, f"tune:{sweep_dir}", [out / "study.md", out / "study.png", out / "study.json"], "study")
     return 0
@@ -622,7 +622,7 @@ def sweep_table(
             got = [t["seed"] for t in runs]
             cells[f"{m}/{x:g}"] = {
                 split: {metric: _interval([t[split][metric] for t in runs], got) for metric in SWEEP_METRICS}
-                for split in ablate.SPLITS
+                for split in ablation.SPLITS
             }
     diffs: dict[str, Any] = {}
     if len(models) == 2:
@@ -653,33 +653,54 @@ def sweep_table(
         row = [f"{x:g}"]
         for m in models:
             for split in ("val", "test"):
-                row += [ablate.fmt_interval(cells[f"{m}/{x:g}"][split][metric]) for metric in SWEEP_METRICS]
+                row += [ablation.fmt_interval(cells[f"{m}/{x:g}"][split][metric]) for metric in SWEEP_METRICS]
         if diffs:
             row += [_diff_cell(diffs[f"{x:g}"][metric]) for metric in SWEEP_METRICS]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n", {"cells": cells, "differences": diffs, "models": models, "xs": xs}
 
 
-RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "tab3": lambda a: run_table(a, "tab3"),
-    "tab4": lambda a: run_table(a, "tab4"),
+RUNNERS: dict[str, Callable[[StudyOptions], int]] = {
+    "tab3": lambda o: run_table(o, "tab3"),
+    "tab4": lambda o: run_table(o, "tab4"),
     "topk": run_topk,
     "oracle": run_oracle,
-    "length": lambda a: run_sweep_study(a, "length"),
-    "temperature": lambda a: run_sweep_study(a, "temperature"),
+    "length": lambda o: run_sweep_study(o, "length"),
+    "temperature": lambda o: run_sweep_study(o, "temperature"),
 }
 
 
-def _main(args: argparse.Namespace) -> int:
+def options(args: argparse.Namespace) -> StudyOptions:
+    given = args.seeds is not None or bool(args.seed_list)
+    seeds = ablation.parse_seeds(args.seeds if args.seeds is not None else 1, args.seed_list) if given else None
+    return StudyOptions(
+        study=args.study,
+        seeds=tuple(seeds) if seeds is not None else None,
+        threads=args.threads,
+        parallel=args.parallel,
+        concurrency=args.concurrency,
+        fresh=args.fresh,
+        tracking=args.tracking,
+        preset=args.preset,
+        overrides=tuple(args.overrides),
+    )
+
+
+def run_study(opts: StudyOptions) -> int:
+    """Run the study ``opts.study`` and write its table, plot and numbers; returns the exit code."""
     t0 = time.perf_counter()
-    load_config(args.preset, None, args.overrides)  # a bad override fails before anything starts
-    code = RUNNERS[args.study](args)
+    load_config(opts.preset, None, opts.overrides)  # a bad override fails before anything starts
+    code = RUNNERS[opts.study](opts)
     if code == 0:
         print(
-            f"study {args.study}: {time.perf_counter() - t0:.0f} s wall (this invocation; a resumed study only "
+            f"study {opts.study}: {time.perf_counter() - t0:.0f} s wall (this invocation; a resumed study only "
             "trains what was missing)"
         )
     return code
+
+
+def _main(args: argparse.Namespace) -> int:
+    return run_study(options(args))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -492,7 +492,7 @@ class EpochLogger(ray.train.UserCallback):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sweeps: child-run statuses decided from Tune's account of each trial (pipelines.tune)
+# Sweeps: child-run statuses decided from Tune's account of each trial (pipelines.sweep)
 # ---------------------------------------------------------------------------------------------------------------
 def trial_outcome(error: str | None, epochs: int, total_epochs: int) -> tuple[str, dict[str, str]]:
     """(MLflow status, tags) of a trial's child run: FAILED when it raised, FINISHED when it reported all its epochs
@@ -518,7 +518,7 @@ def settle_run(client: Any, run_id: str, status: str, tags: dict[str, str], erro
 
 class TrialRunStatus(ray.tune.Callback):
     """Tune callback in the sweep driver: when a trial ends, its MLflow child run gets the status
-    :func:`trial_outcome` gives (why the trial cannot set it itself: :mod:`pipelines.tune`).  Holds only plain
+    :func:`trial_outcome` gives (why the trial cannot set it itself: :mod:`pipelines.sweep`).  Holds only plain
     data, so it pickles into Tune's saved state."""
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, total_epochs: int) -> None:

@@ -133,9 +133,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     seed_everything(t.seed)  # the same initial weights on every rank
     model: nn.Module = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim)
-    ckpt.init_weights_from(
-        model, cfg.train, cfg.model
-    )  # train.init_from (fine-tuning); Ray's resume checkpoint replaces it
+    ckpt.init_weights_from(model, cfg.train, cfg.model)  # train.init_from (fine-tuning); a Ray resume replaces it
     unused = parameters_without_gradient(model, cfg, fps)
     if unused and rank == 0:
         more = ", ..." if len(unused) > 5 else ""

@@ -38,12 +38,10 @@ from rgnet.config import Config, ConfigError, save_yaml, to_dict
 from rgnet.data.dataset import open_split
 from rgnet.data.samples import steps_per_epoch
 from rgnet.data.synthetic import ensure_configured_dataset
-from rgnet.eval.metrics import format_table
-from rgnet.eval.predictions import write_predictions
 from rgnet.io import atomic_write_json, atomic_write_text
 from rgnet.train import checkpoint as ckpt
-from rgnet.train.loop import evaluate_model, resolve_device, set_threads
-from rgnet.train.run import format_time_split, time_split
+from rgnet.train.loop import resolve_device, set_threads
+from rgnet.train.run import evaluate_best, format_time_split, time_split
 
 log = logging.getLogger("rgnet.train")
 
@@ -240,17 +238,10 @@ def finish_training(cfg: Config, result: Any, splits: dict[str, Any], handle: An
         "best_checkpoint": str(run_dir / "best.pt"),
         "history": out_history,
     }
-    tables = []
-    for name, data in splits.items():
-        if name == "train":
-            continue
-        report, rows = evaluate_model(model.to(device), data, cfg.windows, cfg.eval, device)
-        atomic_write_json(run_dir / f"report_{name}.json", report)
-        write_predictions(run_dir / f"predictions_{name}.jsonl", rows)
-        table = f"{name} split ({data.split}), best checkpoint (epoch {best_epoch}):\n{format_table(report)}"
-        tables.append(table)
-        print("\n" + table, flush=True)
-        out[name] = report
+    reports, tables = evaluate_best(
+        model, [(n, d) for n, d in splits.items() if n != "train"], cfg, device, run_dir, f" (epoch {best_epoch})"
+    )
+    out.update(reports)
     atomic_write_text(run_dir / "metrics.txt", "\n\n".join(tables) + "\n")
 
     print(f"\nrun folder: {run_dir}\n  evaluate again: rgnet evaluate --checkpoint {run_dir / 'best.pt'} --split val")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines import ablate
+from pipelines import ablate, ablation
 from pipelines.tracking import metric_key
 from rgnet.config import ConfigError, load_config
 from rgnet.data.dataset import open_split
@@ -67,7 +67,7 @@ def test_summary_means_intervals_and_paired_differences_by_hand() -> None:
         _row("ablated", 0, 55.0, 91.0),
         _row("ablated", 1, 61.0, 80.0),
     ]
-    table = ablate.summarise(rows, ["full", "ablated"], "full")
+    table = ablation.summarise(rows, ["full", "ablated"], "full")
     full = table["summary"]["full"]["test"]["R1@0.3"]
     # 60, 66, 63: mean 63, s = 3, half width t(0.975, 2) * 3 / sqrt(3)
     half = T975_2 * 3 / math.sqrt(3)
@@ -78,14 +78,14 @@ def test_summary_means_intervals_and_paired_differences_by_hand() -> None:
     # the paired difference: seed 0: 55-60, seed 1: 61-66, seed 2: 58-63 -> -5 every seed, a zero-width interval
     d = table["differences"]["ablated"]["test"]["R1@0.3"]
     assert d["values"] == [-5.0, -5.0, -5.0] and (d["mean"], d["low"], d["high"]) == (-5.0, -5.0, -5.0)
-    assert ablate.verdict(d) == "lower"
+    assert ablation.verdict(d) == "lower"
     # the two rows' own intervals overlap (58 + 7.45 > 63 - 7.45): pairing by seed is what decides it
     assert ablated["high"] > full["low"]
     # retrieval: +1, 0, 0 -> mean 1/3, s = 1/sqrt(3), half = t * s / sqrt(3) = t / 3: contains 0, undecided
     r = table["differences"]["ablated"]["test"]["retrieval_R1"]
     assert r["values"] == [1.0, 0.0, 0.0]
     assert r["mean"] == pytest.approx(1 / 3) and r["high"] - r["mean"] == pytest.approx(T975_2 / 3)
-    assert ablate.verdict(r) == "undecided"
+    assert ablation.verdict(r) == "undecided"
     assert "full" not in table["differences"]  # the reference has no difference to itself
 
 
@@ -93,41 +93,41 @@ def test_markdown_marks_decided_differences_and_formats_intervals() -> None:
     rows = [_row("full", s, v, 50.0) for s, v in ((0, 60.0), (1, 66.0))] + [
         _row("x", s, v, 50.0 + s) for s, v in ((0, 50.0), (1, 56.0))
     ]
-    table = {**ablate.summarise(rows, ["full", "x"], "full"), "seeds": [0, 1], "threads": 1}
-    text = ablate.markdown_table(table, ["full", "x"], {"x": "k=v"}, {"x": "paper row X"}, "full")
+    table = {**ablation.summarise(rows, ["full", "x"], "full"), "seeds": [0, 1], "threads": 1}
+    text = ablation.markdown_table(table, ["full", "x"], {"x": "k=v"}, {"x": "paper row X"}, "full")
     half = T975_1 * math.sqrt(18) / math.sqrt(2)  # values 60, 66: s = sqrt(18)
     assert f"63.0 [{63 - half:.1f}, {63 + half:.1f}]" in text
     # x - full: -10, -10 on R1@0.3 (decided, bold); 0, +1 on retrieval_R1 (undecided, plain)
     assert "**-10.0 [-10.0, -10.0]**" in text
     assert f"+0.5 [{0.5 - T975_1 * math.sqrt(0.5) / math.sqrt(2):+.1f}, " in text
     assert "| x | paper row X | k=v |" in text
-    one = {**ablate.summarise(rows[:1] + rows[2:3], ["full", "x"], "full"), "seeds": [0], "threads": 1}
-    text = ablate.markdown_table(one, ["full", "x"], {}, {}, "full")
+    one = {**ablation.summarise(rows[:1] + rows[2:3], ["full", "x"], "full"), "seeds": [0], "threads": 1}
+    text = ablation.markdown_table(one, ["full", "x"], {}, {}, "full")
     assert text.endswith("| x | +0.0 | -10.0 |\n")  # one seed: the value alone, never decided (not bold)
 
 
 def test_pairing_needs_the_same_seeds() -> None:
     rows = [_row("full", 0, 1.0, 1.0), _row("full", 1, 2.0, 2.0), _row("x", 0, 1.0, 1.0), _row("x", 2, 1.0, 1.0)]
     with pytest.raises(ValueError, match="same seeds"):
-        ablate.summarise(rows, ["full", "x"], "full")
+        ablation.summarise(rows, ["full", "x"], "full")
     with pytest.raises(ValueError, match="two rows for full seed 0"):
-        ablate.summarise([*rows, _row("full", 0, 1.0, 1.0)], ["full", "x"], "full")
+        ablation.summarise([*rows, _row("full", 0, 1.0, 1.0)], ["full", "x"], "full")
 
 
 def test_seeds_and_reserved_overrides() -> None:
-    assert ablate.parse_seeds(3, None) == [0, 1, 2]
-    assert ablate.parse_seeds(3, "7, 5") == [7, 5]
+    assert ablation.parse_seeds(3, None) == [0, 1, 2]
+    assert ablation.parse_seeds(3, "7, 5") == [7, 5]
     for seeds, seed_list, message in ((0, None, "--seeds must be >= 1"), (1, "1,1", "twice"), (1, "a", "integers")):
         with pytest.raises(ConfigError, match=message):
-            ablate.parse_seeds(seeds, seed_list)
+            ablation.parse_seeds(seeds, seed_list)
 
 
 def test_a_run_lock_is_exclusive(tmp_path) -> None:
-    first = ablate._try_lock(tmp_path / "x" / "seed0.lock")
+    first = ablation._try_lock(tmp_path / "x" / "seed0.lock")
     assert first is not None
-    assert ablate._try_lock(tmp_path / "x" / "seed0.lock") is None  # another holder is refused, not blocked
+    assert ablation._try_lock(tmp_path / "x" / "seed0.lock") is None  # another holder is refused, not blocked
     first.close()
-    again = ablate._try_lock(tmp_path / "x" / "seed0.lock")
+    again = ablation._try_lock(tmp_path / "x" / "seed0.lock")
     assert again is not None
     again.close()
 
@@ -287,14 +287,14 @@ def test_changed_config_in_a_shared_runs_folder_is_refused(tmp_path) -> None:
 
     space = load_space(resolve_space_path("paper_tab4"))
     runs = tmp_path / "runs"
-    configs = ablate.plan_runs(space, ["full"], [0], 1, runs, ["train.epochs=1"])
-    folder = ablate.run_dir(runs, "full", 0)
+    configs = ablation.plan_runs(space, ["full"], [0], 1, runs, ["train.epochs=1"])
+    folder = ablation.run_dir(runs, "full", 0)
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(
-        to_yaml(ablate.plan_runs(space, ["full"], [0], 1, runs, ["train.epochs=2"])[("full", 0)])
+        to_yaml(ablation.plan_runs(space, ["full"], [0], 1, runs, ["train.epochs=2"])[("full", 0)])
     )
     with pytest.raises(ConfigError, match="holds a run with another config"):
-        ablate.check_runs(configs, runs, fresh=False)
+        ablation.check_runs(configs, runs, fresh=False)
     tab3 = load_space(resolve_space_path("paper_tab3"))
-    same = ablate.plan_runs(tab3, ["full"], [0], 1, runs, ["train.epochs=2"])
-    ablate.check_runs(same, runs, fresh=False)  # tab3's full is tab4's full: shared, not refused
+    same = ablation.plan_runs(tab3, ["full"], [0], 1, runs, ["train.epochs=2"])
+    ablation.check_runs(same, runs, fresh=False)  # tab3's full is tab4's full: shared, not refused

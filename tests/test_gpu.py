@@ -197,13 +197,14 @@ def test_batch_predict_on_a_gpu_actor(
 
 @pytest.mark.gpu
 def test_bench_inference_on_cuda_in_bf16(cuda: torch.device) -> None:
-    """`rgnet bench --device cuda --precision bf16`: the inference rows under bf16 autocast (pipelines.bench.bench_infer
-    on the eager model: the fused copy is CPU-only), GPU peak memory, the floor at the bf16 matmul peak."""
+    """`rgnet bench train.device=cuda train.precision=bf16`: the inference rows under bf16 autocast
+    (pipelines.bench.bench_infer on the eager model: the fused copy is CPU-only), GPU peak memory, the floor at the
+    bf16 matmul peak."""
     from pipelines import bench
 
     tiny = ["--preset", "tiny", "--feature-dim", "32", "--peak-seconds", "0.2", "--queries", "1", "8", "--repeats", "1"]
-    args = bench.build_parser().parse_args([*tiny, "--device", "cuda", "--precision", "bf16"])
-    r = bench.bench_infer(args, 2.0, 40)
+    args = bench.build_parser().parse_args(["train.device=cuda", "train.precision=bf16", *tiny])
+    r = bench.bench_infer(bench.sizes(args), bench.bench_config(args.preset, args.overrides), 2.0, 40)
     assert r["kernels"] == "eager" and set(r["matmul_peak"]) == {"torch", "flops_per_s"}
     for row in r["by_queries"]:
         assert row["peak_cuda_gib"] > 0 and row["predictions"] >= 1

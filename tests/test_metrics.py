@@ -304,6 +304,24 @@ def test_cli_requires_annotations(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main([]) == 2
 
 
+def test_cli_set_is_gone_and_overrides_are_positional(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One override dialect: ``--set`` exits 2 with a line naming the positional form; positional key=value with a
+    prediction file (which has no config) is refused, naming the overrides."""
+    from pipelines.evaluate import build_parser, main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", "x.pt", "--set", "eval.top_k_windows=10"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        "rgnet evaluate: error: --set was removed: give the overrides as positional key=value "
+        "(e.g. eval.top_k_windows=10)\n"
+    )
+    args = build_parser().parse_args(["--checkpoint", "x.pt", "--split", "test", "eval.oracle=true", "--out", "r"])
+    assert (args.overrides, args.split, args.out) == (["eval.oracle=true"], "test", "r")
+    assert main(["--predictions", str(tmp_path / "p.jsonl"), "eval.top_k_windows=3"]) == 2
+    assert "eval.top_k_windows=3" in capsys.readouterr().err
+
+
 def test_cli_zero_length_moments_dropped_with_their_rows_unless_kept(tmp_path: Path) -> None:
     from pipelines.evaluate import main
 

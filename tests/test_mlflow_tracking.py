@@ -364,7 +364,7 @@ def test_tune_loggers_are_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) 
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
     from ray.tune.utils.callback import _create_default_callbacks
 
-    from pipelines.tune import no_default_loggers, tune_loggers
+    from pipelines.sweep import no_default_loggers, tune_loggers
 
     kinds = [type(c) for c in tune_loggers("json")]
     assert kinds == [JsonLoggerCallback]  # the default: the summary reads result.json

@@ -203,7 +203,7 @@ def test_two_workers_with_an_mlflow_server_survive_a_sigkilled_worker(
     ]
     for source in sources:
         out = tmp_path / "eval.json"
-        assert evaluate_cli.main([*source, "--split", "val", "--set", "train.progress=false", "--out", str(out)]) == 0
+        assert evaluate_cli.main([*source, "--split", "val", "train.progress=false", "--out", str(out)]) == 0
         assert json.loads(out.read_text())["metrics"] == report_val["metrics"], source
 
 

@@ -592,7 +592,7 @@ def test_cli_import_then_evaluate_and_predict(tmp_path: Path, capsys: pytest.Cap
     # rgnet evaluate --checkpoint on the tiny data = the original weights evaluated with the same config
     over = ["data.layout=native", f"data.root={data.data.root}", "train.progress=false"]
     report = tmp_path / "report.json"
-    argv = ["--checkpoint", str(out / "checkpoint.pt"), "--split", "val", "--set", *over, "--out", str(report)]
+    argv = ["--checkpoint", str(out / "checkpoint.pt"), "--split", "val", *over, "--out", str(report)]
     assert evaluate_cli.main(argv) == 0
     eval_cfg = from_dict({"data": {"layout": "native", "root": data.data.root}}, cfg)
     expected, _ = evaluate_model(

@@ -1,4 +1,4 @@
-"""Intervals over seeds (rgnet.eval.stats) and the quality benchmark's table (pipelines.bench_quality)."""
+"""Intervals over seeds (rgnet.eval.stats) and the quality benchmark's table (pipelines.quality_bench)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pipelines.bench_quality import METRICS, summarise
+from pipelines.quality_bench import METRICS, summarise
 from rgnet.eval.stats import paired_difference, t_interval
 
 

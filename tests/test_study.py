@@ -13,6 +13,7 @@ import torch
 
 from pipelines import evaluate, study
 from pipelines.common import resolve_space_path
+from pipelines.evaluation import evaluate_checkpoint
 from rgnet.config import ConfigError, apply_overrides, load_config
 from rgnet.eval.predictions import PredictionRow
 from rgnet.eval.sweep import decoded_windows, evaluate_settings, topk_settings
@@ -183,11 +184,11 @@ def test_topk_sweep_equals_separate_rgnet_evaluate_runs(topk, tmp_path) -> None:
         ckpt = tmp / "runs" / "paper_runs" / model / "seed1" / "best.pt"
         for k in (1, 3, 30):
             report = tmp_path / f"{model}-k{k}.json"
-            argv = ["--checkpoint", str(ckpt), "--split", "test", "--set", f"eval.top_k_windows={k}"]
+            argv = ["--checkpoint", str(ckpt), "--split", "test", f"eval.top_k_windows={k}"]
             assert evaluate.main([*argv, "--out", str(report)]) == 0
             assert data["runs"][model]["1"][f"k{k}"]["metrics"] == json.loads(report.read_text())["metrics"]
         report = tmp_path / f"{model}-oracle.json"
-        argv = ["--checkpoint", str(ckpt), "--split", "test", "--set", "eval.oracle=true", "--out", str(report)]
+        argv = ["--checkpoint", str(ckpt), "--split", "test", "eval.oracle=true", "--out", str(report)]
         assert evaluate.main(argv) == 0
         assert data["runs"][model]["1"]["oracle"]["metrics"] == json.loads(report.read_text())["metrics"]
     # k is capped by each video's windows: the tiny videos have fewer than 20, so k20 and k30 decode the same
@@ -265,8 +266,7 @@ def test_temperature_study_runs_a_tune_grid_and_evaluates_each_trial(tmp_path) -
     assert {t["seed"] for t in data["trials"]} == {0} and data["models"] == ["rgnet"]
     for t in data["trials"]:  # each trial's best checkpoint, evaluated as `rgnet evaluate` does
         assert Path(t["checkpoint"]).exists() and t["best_epoch"] == 1
-        args = evaluate.build_parser().parse_args(["--checkpoint", t["checkpoint"], "--split", "test"])
-        assert evaluate.evaluate_checkpoint(args)["metrics"] == t["test"]
+        assert evaluate_checkpoint(checkpoint=t["checkpoint"], split="test")["metrics"] == t["test"]
     md = (out / "study.md").read_text()
     assert "`model.sampler.temperature` swept with rgnet tune" in md and "| 3 |" in md
     assert (out / "study.png").read_bytes()[:8] == PNG

@@ -280,8 +280,7 @@ def test_ensure_dataset_rejects_a_config_the_reader_would_reject(tmp_path: Path)
 # ---------------------------------------------------------------------------------------------------------------
 def test_prepare_synthetic_then_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ego"
-    small = ["--set", "data.synthetic.num_train_videos=2", "--set", "data.synthetic.num_val_videos=1",
-             "--set", "data.synthetic.num_test_videos=1"]  # fmt: skip
+    small = ["data.synthetic.num_train_videos=2", "data.synthetic.num_val_videos=1", "data.synthetic.num_test_videos=1"]
     argv = ["synthetic", "--preset", "tiny", "--layout", "ego4d", "--out", str(out), "--no-progress", *small]
     assert prepare.main(argv) == 0
     printed = capsys.readouterr().out
@@ -302,3 +301,15 @@ def test_prepare_every_option_has_help() -> None:
     for name in ("synthetic", "check"):
         for action in sub.choices[name]._actions:
             assert action.help, f"{name}: {action.dest}"
+
+
+def test_prepare_set_flag_is_gone(capsys: pytest.CaptureFixture[str]) -> None:
+    """The one override dialect: ``--set key=value`` names the positional form and exits 2 before any work."""
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["synthetic", "--set", "data.synthetic.num_train_videos=2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "rgnet prepare synthetic: error: --set was removed: give the overrides as positional key=value "
+        "(e.g. data.synthetic.num_train_videos=4)"
+    )

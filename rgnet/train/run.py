@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +83,7 @@ def train_local(cfg: Config, *, fresh: bool = False, test: bool = True) -> dict[
     threads = set_threads(cfg.train.threads, os.cpu_count() or 1)
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim).to(device)
-    ckpt.init_weights_from(
-        model, cfg.train, cfg.model
-    )  # train.init_from (fine-tuning); a resumed run's own checkpoint replaces it
+    ckpt.init_weights_from(model, cfg.train, cfg.model)  # train.init_from (fine-tuning); a resume replaces it
     batches = TrainBatches(train_data, windows=cfg.windows, train=cfg.train, loss=cfg.loss)
     if batches.num_batches() == 0:
         raise ValueError(
@@ -129,18 +128,33 @@ def train_local(cfg: Config, *, fresh: bool = False, test: bool = True) -> dict[
     splits = [("val", val_data)]
     if test and cfg.data.test_split and cfg.data.test_split != cfg.data.val_split:
         splits.append(("test", open_split(cfg.data, cfg.data.test_split)))
-    for name, data in splits:
-        report, rows = evaluate_model(best_model.to(device), data, cfg.windows, cfg.eval, device)
-        atomic_write_json(run_dir / f"report_{name}.json", report)
-        write_predictions(run_dir / f"predictions_{name}.jsonl", rows)
-        print(f"\n{name} split ({data.split}), best checkpoint:\n{format_table(report)}")
-        out[name] = report
+    out.update(evaluate_best(best_model, splits, cfg, device, run_dir)[0])
     print(f"\nrun folder: {run_dir}\n  evaluate again: rgnet evaluate --checkpoint {run_dir / 'best.pt'} --split val")
     history = [{f"train/{k}": v for k, v in h.items()} for h in final.history]
     final_s = time.perf_counter() - t_fit - fit_s
     out["time"] = time_split(history, 0.0, fit_s, final_s, time.perf_counter() - t_start)
     print(format_time_split(out["time"], local=True), flush=True)
     return out
+
+
+def evaluate_best(
+    model: Any, splits: Sequence[tuple[str, Any]], cfg: Config, device: Any, run_dir: Path, label: str = ""
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The best checkpoint's model on each ``(name, split)``: ``report_<name>.json`` and ``predictions_<name>.jsonl``
+    in ``run_dir`` and the metric table printed; returns the reports by name and the printed tables.  The one rule
+    of a run's final evaluation, local (``train_local``) or distributed (``pipelines.trainer``); ``label``: what
+    follows "best checkpoint" in a table's title (e.g. the epoch)."""
+    reports: dict[str, dict[str, Any]] = {}
+    tables = []
+    for name, data in splits:
+        report, rows = evaluate_model(model.to(device), data, cfg.windows, cfg.eval, device)
+        atomic_write_json(run_dir / f"report_{name}.json", report)
+        write_predictions(run_dir / f"predictions_{name}.jsonl", rows)
+        table = f"{name} split ({data.split}), best checkpoint{label}:\n{format_table(report)}"
+        print("\n" + table, flush=True)
+        reports[name] = report
+        tables.append(table)
+    return reports, tables
 
 
 def time_split(

@@ -13,36 +13,38 @@ Writes ``OUT/quality.json`` and ``OUT/quality.md``; wall times are per run as me
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipelines.common import abspath
+from rgnet.config import ConfigError
 from rgnet.eval.stats import t_interval
 from rgnet.io import atomic_write_json, atomic_write_text
 
 METRICS = ("retrieval_R1", "retrieval_R5", "R1@0.3", "R1@0.5", "R5@0.3", "mIoU")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rgnet bench --quality", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quality", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated train.seed values (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per training process (default: 1)")
-    p.add_argument("--parallel", type=int, default=2, help="local runs at a time (default: 2)")
-    p.add_argument("--out", default="runs/quality", help="folder for the runs and the table (default: %(default)s)")
-    p.add_argument("--preset", default=None, help="config preset (default: the embedded default)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both paths")
-    return p
+@dataclass(frozen=True)
+class QualityOptions:
+    """The seeds (``train.seed``), torch threads per training process, local runs at a time, the output folder, and
+    the preset and overrides both paths train with."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    threads: int = 1
+    parallel: int = 2
+    out: str = "runs/quality"
+    preset: str | None = None
+    overrides: tuple[str, ...] = ()
 
 
-def _run(path: str, seed: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def _run(path: str, seed: int, args: QualityOptions, out: Path) -> dict[str, Any]:
     """Train one (path, seed) in a child process unless its test report exists; returns its report and wall time."""
     name = f"{path}-seed{seed}"
     report = out / "runs" / name / "report_test.json"
@@ -135,10 +137,11 @@ def markdown(table: dict[str, Any], seeds: list[int], walls: dict[str, list[floa
     return "\n".join(lines) + "\n"
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+def run_quality_bench(args: QualityOptions) -> dict[str, Any]:
+    """Train every seed both ways (resuming), write ``quality.json`` and ``quality.md``; returns the table."""
+    seeds = list(args.seeds)
     if not seeds:
-        raise SystemExit("error: --seeds lists no seed")
+        raise ConfigError("--seeds lists no seed")
     out = Path(abspath(args.out))
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[int, dict[str, Any]]] = {"local": {}, "distributed": {}}
@@ -156,9 +159,3 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     atomic_write_text(out / "quality.md", text)
     print("\n" + text + f"\nwrote {out / 'quality.json'} and {out / 'quality.md'}", flush=True)
     return table
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    run(args)
-    return 0

@@ -15,25 +15,12 @@ Numbers are printed and written as JSON.  Runs on the embedded default's synthet
 
 from __future__ import annotations
 
-import argparse
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-from rgnet.io import atomic_write_json
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rgnet bench --data", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--out", default="bench_data.json", help="JSON file for the results (default: %(default)s)")
-    p.add_argument("--preset", default=None, help="dataset from this preset (default: the embedded default)")
-    p.add_argument("--budget-mib", type=float, default=16.0, help="Ray Data object-store budget (default: 16)")
-    p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up epoch (default: 2)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/tmp/d")
-    return p
 
 
 def _proc_tree() -> dict[int, int]:
@@ -126,7 +113,11 @@ def _timed_epochs(batches_of_epoch: Any, epochs: list[int]) -> dict[str, float]:
     return {"seconds": seconds, "steps": steps, "queries": queries, "queries_per_s": queries / max(seconds, 1e-9)}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run_data_bench(
+    *, preset: str | None = None, overrides: Sequence[str] = (), budget_mib: float = 16.0, epochs: int = 2
+) -> dict[str, Any]:
+    """Time ``epochs`` epochs (after a warm-up one) of the Ray Data pipeline under an object-store budget of
+    ``budget_mib`` against the local loader, on the dataset of ``preset`` with ``overrides``; returns every number."""
     import ray
     import ray.data
     import torch
@@ -138,23 +129,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from rgnet.data.samples import TrainBatches
     from rgnet.data.synthetic import ensure_configured_dataset
 
-    cfg = resolve_paths(load_config(args.preset, None, ["ray.data_workers=2", *args.overrides]))
+    cfg = resolve_paths(load_config(preset, None, ["ray.data_workers=2", *overrides]))
     ensure_configured_dataset(cfg.data)
     torch.set_num_threads(1)  # the consumer and the baseline: one thread each (collation is the only torch work)
     data = open_split(cfg.data, cfg.data.train_split)
     local = TrainBatches(data, windows=cfg.windows, train=cfg.train, loss=cfg.loss)
     steps = local.num_batches()
-    epochs = list(range(1, 1 + args.epochs))
+    timed_epochs = list(range(1, 1 + epochs))
     print(f"dataset {cfg.data.root}: {len(data.records)} train queries, {steps} global batches of "
           f"{cfg.train.batch_size} per epoch", flush=True)  # fmt: skip
 
     # Baseline: the local loader in this process (HDF5 hyperslab reads of each step's drawn windows).
     _timed_epochs(local.epoch, [0])  # warm-up: page cache and imports, as the Ray side gets
-    base = _timed_epochs(local.epoch, epochs)
+    base = _timed_epochs(local.epoch, timed_epochs)
     epoch_bytes = sum(sum(t.numel() * t.element_size() for t in b.values()) for b in local.epoch(0))
     print(f"  one process, straight from HDF5: {base['queries_per_s']:.1f} queries/s", flush=True)
 
-    budget = int(args.budget_mib * 2**20)
+    budget = int(budget_mib * 2**20)
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False)
     try:
         ctx = ray.data.DataContext.get_current()
@@ -164,10 +155,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         assert node is not None
         raylet = node.all_processes["raylet"][0].process.pid
 
-        stream = WorkerSteps(cfg, cfg.data.train_split, 0, 1 + args.epochs, 0, 1, steps)  # one dataset, all epochs
+        stream = WorkerSteps(cfg, cfg.data.train_split, 0, 1 + epochs, 0, 1, steps)  # one dataset, all epochs
         with stream, WorkerMemory(raylet) as memory:
             warm = _timed_epochs(stream.epoch, [0])
-            timed = _timed_epochs(stream.epoch, epochs)
+            timed = _timed_epochs(stream.epoch, timed_epochs)
         mem = memory.summary()
     finally:
         ray.shutdown()
@@ -176,7 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"{timed['queries_per_s']:.1f} queries/s (first epoch, starting the map workers: "
           f"{warm['queries_per_s']:.1f}); ratio Ray / one process = {ratio:.2f}", flush=True)  # fmt: skip
     print(f"  memory: an epoch's batches = {epoch_bytes / 2**20:.1f} MiB = {epoch_bytes / budget:.1f}x the Ray Data "
-          f"budget of {args.budget_mib:g} MiB; peak object store in use {mem['peak_object_store_used_mib']:.1f} MiB; "
+          f"budget of {budget_mib:g} MiB; peak object store in use {mem['peak_object_store_used_mib']:.1f} MiB; "
           f"peak worker RSS {mem['peak_worker_rss_mib']:.0f} MiB ({mem['peak_worker']}, {mem['worker_processes']} "
           f"worker processes)", flush=True)  # fmt: skip
     return {
@@ -188,7 +179,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "batches_per_epoch": steps,
             "epoch_batches_mib": epoch_bytes / 2**20,
         },
-        "budget_mib": args.budget_mib,
+        "budget_mib": budget_mib,
         "dataset_to_budget": epoch_bytes / budget,
         "one_process_hdf5": base,
         "ray_data_first_epoch": warm,
@@ -196,12 +187,3 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ray_to_one_process": ratio,
         "memory": mem,
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    results = run(args)
-    atomic_write_json(args.out, results)
-    print(f"wrote {args.out}")
-    return 0
