@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rgnet ablate",
         description="Train every variant of a space file locally with N seeds (RGNet, ablations, disjoint baseline) "
-        "and tabulate val and test metrics with 95%% intervals and paired differences to the reference variant, "
+        "and tabulate val and test metrics with 95% intervals and paired differences to the reference variant, "
         "next to the untrained model.",
     )
     p.add_argument("--space", default="ablations", help="space file with variants, or a tune_spaces/ name")

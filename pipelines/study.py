@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rgnet study",
         description="Run one of the paper's claims as a study (built on rgnet ablate / tune / evaluate) and write its "
-        "markdown table and plot, with 95%% intervals over seeds.",
+        "markdown table and plot, with 95% intervals over seeds.",
     )
     p.add_argument("study", choices=STUDIES, help="which study (see the module docstring or the README)")
     p.add_argument("--seeds", type=int, help="train.seed = 0 .. N-1 (default: 3; 1 for length and temperature)")
