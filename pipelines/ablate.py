@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from pipelines.ablation import REFERENCE, AblationOptions, parse_seeds, run_ablation
-from pipelines.common import run_guarded, setup_logging
+from pipelines.common import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,9 +78,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    return run_guarded(_main, args)
+    return run_command(build_parser(), _main, argv)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,16 @@ def run_guarded(fn: Any, *args: Any) -> int:
         return int(fn(*args) or 0)
     except (ConfigError, DataError, SetupError, FileNotFoundError) as e:
         return fail(str(e))
+
+
+def run_command(
+    parser: argparse.ArgumentParser, body: Any, argv: Sequence[str] | None, intermixed: bool = False
+) -> int:
+    """A command's whole ``main``: parse ``argv`` (options and ``key=value`` in any order if ``intermixed``), set up
+    logging (``-v``), run ``body(args)`` with user errors turned into one line and exit code 2."""
+    args = parser.parse_intermixed_args(argv) if intermixed else parser.parse_args(argv)
+    setup_logging(getattr(args, "verbose", False))
+    return run_guarded(body, args)
 
 
 def split_name(cfg: Config, name: str) -> str:

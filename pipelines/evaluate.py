@@ -21,7 +21,7 @@ import argparse
 import sys
 from typing import get_args
 
-from pipelines.common import fail, remove_flags, run_guarded, setup_logging
+from pipelines.common import fail, remove_flags, run_command
 from pipelines.evaluation import PredictionFileOptions, evaluate_checkpoint, evaluate_prediction_file
 from rgnet.config import DataConfig, EvalConfig, Layout, Profile
 
@@ -208,9 +208,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    return run_guarded(_main, args)
+    return run_command(build_parser(), _main, argv)
 
 
 if __name__ == "__main__":

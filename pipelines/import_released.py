@@ -11,7 +11,7 @@ import shlex
 import sys
 from collections import Counter
 
-from pipelines.common import fail, run_guarded, setup_logging
+from pipelines.common import fail, run_command
 from rgnet.released import PRESETS, ReleasedCheckpointError, ReleasedImport, import_released, write_import
 
 
@@ -89,9 +89,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    return run_guarded(_main, args)
+    return run_command(build_parser(), _main, argv)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ from typing import Any
 import yaml
 
 from pipelines import ablation
-from pipelines.common import run_guarded, setup_logging
+from pipelines.common import run_command
 from rgnet.config import Config, ConfigError, load_config
 from rgnet.eval.stats import paired_difference, t_interval
 from rgnet.io import atomic_write_json, atomic_write_text
@@ -704,9 +704,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)  # the study name, options and key=value in any order
-    setup_logging(args.verbose)
-    return run_guarded(_main, args)
+    return run_command(build_parser(), _main, argv, intermixed=True)
 
 
 if __name__ == "__main__":

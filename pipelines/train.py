@@ -27,7 +27,7 @@ import json
 import logging
 import sys
 
-from pipelines.common import abspath, add_config_args, run_guarded, setup_logging
+from pipelines.common import abspath, add_config_args, run_command
 from rgnet.config import Config, from_dict, load_config
 
 log = logging.getLogger("rgnet.train")
@@ -104,9 +104,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    return run_guarded(_main, args)
+    return run_command(build_parser(), _main, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines.common import run_guarded, setup_logging
+from pipelines.common import run_command
 from pipelines.sweep import SweepOptions, run_sweep
 from rgnet.config import ConfigError
 
@@ -66,14 +66,12 @@ def options(args: argparse.Namespace) -> SweepOptions:
 
 
 def _main(args: argparse.Namespace) -> int:
-    setup_logging(args.verbose)
     summary = run_sweep(options(args))
     return 130 if summary.get("interrupted") else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_guarded(_main, args)
+    return run_command(build_parser(), _main, argv)
 
 
 if __name__ == "__main__":
