@@ -439,24 +439,6 @@ def markdown_table(
 # ---------------------------------------------------------------------------------------------------------------
 # MLflow: the table as a parent run, a child run per row and seed
 # ---------------------------------------------------------------------------------------------------------------
-# rgnet train --local keeps bare names in history.json; these are its training ones (the rest are validation metrics),
-# the split rgnet.train.run.write_epoch_plots makes
-TRAIN_KEYS = ("loss", "pairs_per_s", "queries_per_s", "lr", "steps", "seconds")
-
-
-def epoch_entries(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A local run's history under the metric names a distributed ``rgnet train`` run logs (``train/loss``,
-    ``val/R1@0.3``, ...), so the UI compares them."""
-    out = []
-    for h in history:
-        entry: dict[str, Any] = {"epoch": h["epoch"]}
-        for k, v in h.items():
-            if k != "epoch":
-                entry[f"train/{k}" if k.startswith(TRAIN_KEYS) else f"val/{k}"] = v
-        out.append(entry)
-    return out
-
-
 def log_table(
     rows: list[dict[str, Any]],
     configs: dict[RunKey, Config],
@@ -474,6 +456,7 @@ def log_table(
     from pipelines.runtime import tracked_run
     from rgnet.config import from_dict
     from rgnet.data.dataset import open_split
+    from rgnet.train.run import named_history
 
     any_cfg = next(iter(untrained_cfgs.values()))
     parent_cfg = from_dict({"train": {"run_name": f"ablate-{name}"}}, any_cfg)
@@ -509,7 +492,7 @@ def log_table(
             if variant != UNTRAINED:
                 folder = Path(row["run_dir"])
                 history = json.loads((folder / "history.json").read_text())
-                tracking.EpochLogger(child.uri, child.run_id, len(history)).log_history(epoch_entries(history))
+                tracking.EpochLogger(child.uri, child.run_id, len(history)).log_history(named_history(history))
                 best_epoch = int(row["best_epoch"])
                 have_files = {f.path for f in client.list_artifacts(child.run_id, "reports")}
                 for file in ("report_val.json", "report_test.json", "history.json"):

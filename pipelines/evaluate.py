@@ -100,31 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"IoU rule: rgnet = IoU > m (RGNet/CONE/Ego4D), geq = IoU >= m (MAD/VLG-Net, SOONet, "
         f"Moment-DETR) (default: {ev.profile})",
     )
-    met.add_argument(
-        "--recall-ks",
-        type=int,
-        nargs="+",
-        default=list(ev.recall_ks),
-        metavar="K",
-        help=f"K of Recall@K (default: {' '.join(map(str, ev.recall_ks))})",
-    )
-    met.add_argument(
-        "--iou",
-        type=float,
-        nargs="+",
-        default=list(ev.iou_thresholds),
-        metavar="M",
-        help=f"IoU thresholds m (default: {' '.join(map(str, ev.iou_thresholds))}; MAD adds 0.1)",
-    )
-    met.add_argument(
-        "--retrieval-ks",
-        type=int,
-        nargs="+",
-        default=list(ev.retrieval_ks),
-        metavar="K",
-        help=f"K of window-retrieval Recall@K, when rows carry ranked windows "
-        f"(default: {' '.join(map(str, ev.retrieval_ks))})",
-    )
+    for flag, kind, default, metavar, text in (
+        ("--recall-ks", int, ev.recall_ks, "K", "K of Recall@K"),
+        ("--iou", float, ev.iou_thresholds, "M", "IoU thresholds m (MAD adds 0.1)"),
+        ("--retrieval-ks", int, ev.retrieval_ks, "K", "K of window-retrieval Recall@K, when rows carry ranked windows"),
+    ):
+        met.add_argument(
+            flag,
+            type=kind,
+            nargs="+",
+            default=list(default),
+            metavar=metavar,
+            help=f"{text} (default: {' '.join(map(str, default))})",
+        )
     met.add_argument(
         "--max-predictions",
         type=int,

@@ -51,19 +51,26 @@ def progress_line(epoch: int, epochs: int, train: dict[str, float], val: dict[st
     return line
 
 
+# history.json keeps bare names; these prefixes are the training ones (the rest are validation metrics)
+TRAIN_KEYS = ("loss", "pairs_per_s", "queries_per_s", "lr", "steps", "seconds")
+
+
+def named_history(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A local run's history (bare names: ``loss*``, rates, ``lr``, ``steps``, ``seconds`` and the validation
+    metrics under their report names) under the names a distributed ``rgnet train`` run logs (``train/loss``,
+    ``val/R1@0.3``, ...), so plots and the MLflow UI treat both alike."""
+    return [
+        {"epoch": h["epoch"]}
+        | {(f"train/{k}" if k.startswith(TRAIN_KEYS) else f"val/{k}"): v for k, v in h.items() if k != "epoch"}
+        for h in history
+    ]
+
+
 def write_epoch_plots(history: list[dict[str, Any]], out_dir: Path, selection_metric: str) -> list[Path]:
-    """Per-epoch curves of a local run (``loss.png``, ``val.png``); history entries hold the train losses and rates
-    (``loss*``, rates, ``lr``, ``steps``, ``seconds``) and the validation metrics under their report names."""
+    """Per-epoch curves of a local run (``loss.png``, ``val.png``) from its history (see :func:`named_history`)."""
     from rgnet.eval.plots import epoch_curves
 
-    train_keys = ("loss", "pairs_per_s", "queries_per_s", "lr", "steps", "seconds")
-    rows = []
-    for h in history:
-        row: dict[str, Any] = {"epoch": h["epoch"]}
-        for k, v in h.items():
-            if k != "epoch":
-                row[f"train/{k}" if k.startswith(train_keys) else f"val/{k}"] = v
-        rows.append(row)
+    rows = named_history(history)
     return epoch_curves(rows, out_dir, selection_metric) if rows else []
 
 
