@@ -259,11 +259,9 @@ def _actor_resources(requested: int, num_videos: int) -> tuple[int, float, float
 
 
 def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config, source: str) -> dict[str, Any]:
-    import ray
-
     from pipelines import tracking
     from pipelines.data import build_eval_dataset, video_table
-    from pipelines.runtime import init_ray
+    from pipelines.runtime import init_ray, tracked_run
     from rgnet.data.dataset import open_split
     from rgnet.eval.metrics import evaluate_with, format_table
     from rgnet.eval.plots import draw_timeline, recall_vs_k, retrieval_vs_windows
@@ -291,9 +289,8 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
         )
         handle.client().log_inputs(handle.run_id, datasets=[data_input])
 
-    connected = init_ray(cfg)
-    status = "FAILED"
-    try:
+    with tracked_run(handle) as run:  # marks the MLflow run and shuts Ray down, however the block ends
+        run.connected = init_ray(cfg)
         actors, cpus, gpus = _actor_resources(args.concurrency, len(videos))
         ds = build_eval_dataset(
             payload,
@@ -371,13 +368,7 @@ def predict_split(args: argparse.Namespace, payload: dict[str, Any], cfg: Config
             for png in plots:
                 client.log_artifact(handle.run_id, str(png), "plots")
             print(f"MLflow run {handle.run_id}: {tracking.ui_command(handle.uri)}")
-        status = "FINISHED"
         return report
-    finally:
-        if handle is not None:
-            tracking.finish(handle, status)
-        if connected:
-            ray.shutdown()
 
 
 def _rows(ds: Any) -> Iterator[dict[str, str]]:

@@ -1,6 +1,6 @@
 """``rgnet prepare``: generate the synthetic dataset in any layout, or check a dataset on disk.
 
-    rgnet prepare synthetic --preset synthetic-mad --layout mad --out data/synthetic-mad
+    rgnet prepare synthetic --preset synthetic-mad data.root=data/synthetic-mad
     rgnet prepare check --preset tiny data.root=/tmp/tiny
 
 ``synthetic`` prints what it wrote (videos, queries, frames, files and sizes) and how far the frozen-feature
@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.common import add_config_args, config_from_args, remove_flags, run_guarded
-from rgnet.config import Config, apply_overrides, available_presets, load_config
-
-LAYOUTS = ("mad", "ego4d", "native")
+from rgnet.config import available_presets, load_config
 
 
 def synthetic_presets() -> list[str]:
@@ -46,11 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         default="synthetic-ego4d",
         choices=synthetic_presets(),
-        help="preset whose data.synthetic knobs are used (default: synthetic-ego4d)",
+        help="preset whose data section is used: data.root (where), data.layout (mad, ego4d or native), data.synthetic "
+        "(the generator's knobs) (default: synthetic-ego4d)",
     )
-    s.add_argument("--layout", choices=LAYOUTS, help="on-disk layout (default: the preset's data.synthetic.layout)")
-    s.add_argument("--out", metavar="DIR", help="output folder (default: the preset's data.root)")
-    s.add_argument("--seed", type=int, help="generator seed (default: the preset's data.synthetic.seed)")
     s.add_argument(
         "overrides",
         nargs="*",
@@ -58,11 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="key=value",
         help="config overrides, e.g. data.synthetic.num_train_videos=4",
     )
-    remove_flags(s, {"--set": "give the overrides as positional key=value (e.g. data.synthetic.num_train_videos=4)"})
-    s.add_argument(
-        "--window-sec",
-        type=float,
-        help="window length of the frozen retrieval diagnostic (default: the preset's windows.length_sec)",
+    remove_flags(
+        s,
+        {
+            "--set": "give the overrides as positional key=value (e.g. data.synthetic.num_train_videos=4)",
+            "--layout": "give data.layout=mad|ego4d|native (the layout the readers read is the one written)",
+            "--out": "give data.root=DIR",
+            "--seed": "give data.synthetic.seed=N",
+            "--window-sec": "give windows.length_sec=S (the frozen retrieval diagnostic uses the training windows)",
+        },
     )
     s.add_argument("--no-progress", action="store_true", help="no progress bar while generating")
 
@@ -73,18 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_args(c)
     return p
-
-
-def _synthetic_config(args: argparse.Namespace) -> Config:
-    cfg = load_config(args.preset, None, args.overrides)
-    extra = []
-    if args.seed is not None:
-        extra.append(f"data.synthetic.seed={args.seed}")
-    if args.layout:
-        extra += [f"data.synthetic.layout={args.layout}", f"data.layout={args.layout}"]
-    if args.out:
-        extra.append(f"data.root={args.out}")
-    return apply_overrides(cfg, extra)
 
 
 def _human(num_bytes: float) -> str:
@@ -99,15 +87,15 @@ def run_synthetic(args: argparse.Namespace) -> int:
     from rgnet.data.formats import DEFAULT_FPS
     from rgnet.data.synthetic import SPLITS, frozen_retrieval_recall, make_synthetic, write_synthetic
 
-    cfg = _synthetic_config(args)
-    syn, out = cfg.data.synthetic, Path(cfg.data.root)
+    cfg = load_config(args.preset, None, args.overrides)
+    syn, out, layout = cfg.data.synthetic, Path(cfg.data.root), cfg.data.layout
     started = time.perf_counter()
     data = make_synthetic(syn, progress=not args.no_progress)
     generated = time.perf_counter()
-    write_synthetic(syn, out, syn.layout, data=data)
+    write_synthetic(syn, out, layout, data=data)
     written = time.perf_counter()
 
-    print(f"wrote the synthetic dataset (preset {args.preset}, layout {syn.layout}, seed {syn.seed}) to {out}")
+    print(f"wrote the synthetic dataset (preset {args.preset}, layout {layout}, seed {syn.seed}) to {out}")
     print(f"  generation {generated - started:.1f} s, writing {written - generated:.1f} s")
     print(f"  fps {data.fps:g}; video features (T, {syn.video_dim}), text tokens (L, {syn.text_dim}) float32")
     for split in SPLITS:
@@ -128,7 +116,7 @@ def run_synthetic(args: argparse.Namespace) -> int:
         print(f"  {path.relative_to(out).as_posix():<48} {_human(path.stat().st_size):>10}")
     print(f"  total on disk: {_human(sum(p.stat().st_size for p in files))}")
 
-    window_sec = args.window_sec or cfg.windows.length_sec
+    window_sec = cfg.windows.length_sec
     print(f"frozen-feature retrieval (max frame cosine with the sentence feature, {window_sec:g} s windows):")
     for split in SPLITS:
         if not data.splits[split]:

@@ -281,7 +281,7 @@ def test_ensure_dataset_rejects_a_config_the_reader_would_reject(tmp_path: Path)
 def test_prepare_synthetic_then_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ego"
     small = ["data.synthetic.num_train_videos=2", "data.synthetic.num_val_videos=1", "data.synthetic.num_test_videos=1"]
-    argv = ["synthetic", "--preset", "tiny", "--layout", "ego4d", "--out", str(out), "--no-progress", *small]
+    argv = ["synthetic", "--preset", "tiny", "--no-progress", "data.layout=ego4d", f"data.root={out}", *small]
     assert prepare.main(argv) == 0
     printed = capsys.readouterr().out
     assert "train: 2 videos, 8 queries" in printed and "R@1" in printed and "random" in printed
@@ -303,13 +303,22 @@ def test_prepare_every_option_has_help() -> None:
             assert action.help, f"{name}: {action.dest}"
 
 
-def test_prepare_set_flag_is_gone(capsys: pytest.CaptureFixture[str]) -> None:
-    """The one override dialect: ``--set key=value`` names the positional form and exits 2 before any work."""
+@pytest.mark.parametrize(
+    ("flag", "instead"),
+    [
+        ("--set", "give the overrides as positional key=value (e.g. data.synthetic.num_train_videos=4)"),
+        ("--layout", "give data.layout=mad|ego4d|native (the layout the readers read is the one written)"),
+        ("--out", "give data.root=DIR"),
+        ("--seed", "give data.synthetic.seed=N"),
+        ("--window-sec", "give windows.length_sec=S (the frozen retrieval diagnostic uses the training windows)"),
+    ],
+)
+def test_prepare_flags_that_shadowed_config_keys_are_gone(
+    flag: str, instead: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The one override dialect: a removed flag names the config key to give instead and exits 2 before any work."""
     with pytest.raises(SystemExit) as e:
-        prepare.main(["synthetic", "--set", "data.synthetic.num_train_videos=2"])
+        prepare.main(["synthetic", "--preset", "tiny", f"data.root={tmp_path / 'd'}", flag, "x"])
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err == (
-        "rgnet prepare synthetic: error: --set was removed: give the overrides as positional key=value "
-        "(e.g. data.synthetic.num_train_videos=4)"
-    )
+    assert capsys.readouterr().err.strip() == f"rgnet prepare synthetic: error: {flag} was removed: {instead}"
+    assert not (tmp_path / "d").exists()
