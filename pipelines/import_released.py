@@ -83,7 +83,7 @@ def _main(args: argparse.Namespace) -> int:
         f"  rgnet evaluate --checkpoint {c} --split test data.root={shlex.quote(root)}   "
         "# data.root: where the dataset is\n"
         f"  rgnet predict --checkpoint {c} --video FEATURES.h5:KEY --query-features TOKENS.h5:KEY\n"
-        f"  rgnet train --config {f} --init-from {c} [key=value ...]   # fine-tune (--local: one process)"
+        f"  rgnet train --config {f} train.init_from={c} [key=value ...]   # fine-tune (--local: one process)"
     )
     return 0
 

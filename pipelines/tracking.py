@@ -121,7 +121,7 @@ def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
             raise TrackingError(
                 f"cannot reach the MLflow tracking server at {uri} ({reason}; waited at most {timeout:g} s): start "
                 f"it (`mlflow server --host HOST --port PORT --backend-store-uri sqlite:///ABS/mlflow.db`), fix "
-                f"--tracking-uri, or log to a local store with --tracking-uri sqlite:///ABS/PATH/mlflow.db"
+                f"the URI (tracking.uri=URI; predict/evaluate: --tracking-uri), or log to a local store, sqlite:///ABS/PATH/mlflow.db"
             ) from e
         if body != "OK":
             raise TrackingError(f"{url} answered {body!r}, not an MLflow tracking server's 'OK'")

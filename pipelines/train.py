@@ -27,7 +27,7 @@ import json
 import logging
 import sys
 
-from pipelines.common import abspath, add_config_args, run_command
+from pipelines.common import add_config_args, remove_flags, run_command
 from rgnet.config import Config, from_dict, load_config
 
 log = logging.getLogger("rgnet.train")
@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rgnet train",
         description="Train RGNet on a dataset (synthetic by default, generated on first use) and evaluate it. "
         "Distributed on Ray with MLflow tracking by default; --local trains in this process.",
+        epilog="Often-used keys: tracking.uri=URI (the MLflow store: http://HOST:PORT for a server, which a multi-node "
+        "cluster needs; default sqlite:///<absolute cwd>/mlflow.db), train.init_from=CHECKPOINT (fine-tune from a "
+        "checkpoint's weights, e.g. the checkpoint.pt of rgnet import released: weights only, fresh optimizer; a run "
+        "resuming from its own checkpoint ignores it), ray.address=ADDR, ray.num_workers=N, train.epochs=N.",
     )
     p.add_argument("--local", action="store_true", help="train in this process only (no Ray, no MLflow)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint of this run and start over")
@@ -51,30 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a one-minute run: the tiny preset (unless --preset/--config), 2 epochs, run name <name>-smoke",
     )
-    p.add_argument(
-        "--tracking-uri",
-        metavar="URI",
-        help="MLflow tracking URI (same as tracking.uri=URI): http://HOST:PORT for a server (a multi-node cluster "
-        "needs one); default sqlite:///<absolute cwd>/mlflow.db",
-    )
-    p.add_argument(
-        "--init-from",
-        metavar="CHECKPOINT",
-        help="fine-tune: start from the weights of this checkpoint (same as train.init_from=PATH; e.g. the "
-        "checkpoint.pt of rgnet import released): weights only, fresh optimizer; ignored when the run resumes from its "
-        "own checkpoint (resume wins)",
-    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_config_args(p)
+    remove_flags(
+        p,
+        {
+            "--tracking-uri": "give tracking.uri=URI (http://HOST:PORT for a server; default sqlite:///<cwd>/mlflow.db)",
+            "--init-from": "give train.init_from=CHECKPOINT (fine-tune from its weights; Ray runs read it absolute)",
+        },
+    )
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     overrides = list(args.overrides)
-    if args.tracking_uri:
-        overrides.append(f"tracking.uri={args.tracking_uri}")
-    if args.init_from:
-        overrides.append(f"train.init_from={json.dumps(abspath(args.init_from))}")  # absolute: workers run elsewhere
     if not args.smoke_test:
         return load_config(args.preset, args.config, overrides)
     preset = args.preset or (None if args.config else "tiny")

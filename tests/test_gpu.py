@@ -131,7 +131,7 @@ def test_ray_train_one_gpu_worker(cuda: torch.device, ray_session: str, tmp_path
     workers = [("class_name", "=", "RayTrainWorker")]
     before = {a.actor_id for a in list_actors(address=ray_session, filters=workers, limit=10_000)}
     argv = [
-        "--smoke-test", "--no-test", "--tracking-uri", cfg.tracking.uri, f"data.root={cfg.data.root}",
+        "--smoke-test", "--no-test", f"tracking.uri={cfg.tracking.uri}", f"data.root={cfg.data.root}",
         f"train.output_dir={cfg.train.output_dir}", f"ray.storage_path={cfg.ray.storage_path}", "train.progress=false",
         "ray.use_gpu=true", "ray.num_workers=1", "ray.gpus_per_worker=1", "train.precision=bf16",
     ]  # fmt: skip

@@ -34,8 +34,7 @@ def argv(tmp: Path, *extra: str) -> list[str]:
     return [
         "--preset",
         "tiny",
-        "--tracking-uri",
-        f"sqlite:///{tmp / 'mlflow.db'}",
+        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
         f"data.root={tmp / 'data'}",
         f"train.output_dir={tmp / 'runs'}",
         f"ray.storage_path={tmp / 'ray_results'}",
@@ -88,7 +87,7 @@ def test_unreachable_tracking_server_fails_fast(
         silent.listen(8)
         port = silent.getsockname()[1]
         t0 = time.monotonic()
-        rc = train_cli.main([*argv(tmp_path), "--tracking-uri", f"http://127.0.0.1:{port}"])
+        rc = train_cli.main([*argv(tmp_path), f"tracking.uri=http://127.0.0.1:{port}"])
         elapsed = time.monotonic() - t0
     assert rc == 2 and elapsed < 30, elapsed
     err = capsys.readouterr().err
@@ -107,9 +106,7 @@ def test_nothing_listening_fails_fast(tmp_path: Path, no_ray: list[str], capsys:
         port = s.getsockname()[1]
         result: dict[str, int] = {}
         thread = threading.Thread(
-            target=lambda: result.update(
-                rc=train_cli.main([*argv(tmp_path), "--tracking-uri", f"http://127.0.0.1:{port}"])
-            )
+            target=lambda: result.update(rc=train_cli.main([*argv(tmp_path), f"tracking.uri=http://127.0.0.1:{port}"]))
         )
         thread.start()
         thread.join(timeout=30)
@@ -134,10 +131,24 @@ def test_resuming_another_experiment_is_refused(
     from rgnet.data.synthetic import ensure_dataset
 
     args = argv(tmp_path)
-    ensure_dataset(load_config("tiny", overrides=args[4:]).data)
-    earlier = runtime.resolve_paths(load_config("tiny", overrides=[*args[4:], "model.hidden_dim=64"]))
+    ensure_dataset(load_config("tiny", overrides=args[3:]).data)
+    earlier = runtime.resolve_paths(load_config("tiny", overrides=[*args[3:], "model.hidden_dim=64"]))
     trainer.check_same_run(earlier)  # what the first start of that run records
     assert train_cli.main(args) == 2
     err = capsys.readouterr().err
     assert "was started with other settings (model.hidden_dim: 64 -> 32)" in err and "--fresh" in err, err
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "key"), [("--tracking-uri", "tracking.uri=URI"), ("--init-from", "train.init_from=CHECKPOINT")]
+)
+def test_train_flags_that_shadowed_config_keys_are_gone(
+    flag: str, key: str, tmp_path: Path, no_ray: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One override dialect: the removed flag exits 2 with a line naming the config key, before any work."""
+    with pytest.raises(SystemExit) as e:
+        train_cli.main([*argv(tmp_path)[:2], flag, "x", *argv(tmp_path)[2:]])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith(f"rgnet train: error: {flag} was removed: give {key} ")
+    assert not no_ray and not (tmp_path / "data").exists()
