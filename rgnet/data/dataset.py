@@ -14,6 +14,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -211,31 +212,33 @@ def _check_keys(
     texts: FeatureStore,
     sentences: FeatureStore | None,
 ) -> None:
-    video_keys = set(videos.keys())
+    _check_store_has(records, annotation_path, videos, "video", VIDEO_FIELD[layout])
+    for store in (texts, sentences):
+        if store is not None:
+            _check_store_has(records, annotation_path, store, "query", QUERY_KEY_FIELD[layout])
+
+
+def _check_store_has(
+    records: list[QueryRecord], annotation_path: Path, store: FeatureStore, key: Literal["video", "query"], field: str
+) -> None:
+    """Every record's video key (``key="video"``) or query key is in ``store``, else an error naming the first
+    record without one, the annotation ``field`` it comes from and the nearest key the store has."""
+    keys = set(store.keys())
     for rec in records:
-        if rec.video_key not in video_keys:
-            near = nearest_key(rec.video_key, sorted(video_keys))
+        wanted = rec.video_key if key == "video" else rec.query_key
+        if wanted not in keys:
+            near = nearest_key(wanted, sorted(keys))
+            if key == "video":
+                problem = f"unknown video id {wanted!r}: not in {store.path}"
+            else:
+                problem = f"query {wanted!r} has no {store.kind} features in {store.path}"
             raise DataError(
                 annotation_path,
-                f"unknown video id {rec.video_key!r}: not in {videos.path} (nearest: {near!r})",
+                f"{problem} (nearest: {near!r})",
                 record=rec.query_id,
-                field=VIDEO_FIELD[layout],
-                fix="check that annotations and video features come from the same release",
+                field=field,
+                fix=f"check that annotations and {key} features come from the same release",
             )
-    for store in (texts, sentences):
-        if store is None:
-            continue
-        keys = set(store.keys())
-        for rec in records:
-            if rec.query_key not in keys:
-                near = nearest_key(rec.query_key, sorted(keys))
-                raise DataError(
-                    annotation_path,
-                    f"query {rec.query_key!r} has no {store.kind} features in {store.path} (nearest: {near!r})",
-                    record=rec.query_id,
-                    field=QUERY_KEY_FIELD[layout],
-                    fix="check that annotations and query features come from the same release",
-                )
 
 
 def _check_durations(

@@ -33,24 +33,21 @@ class EncoderState(NamedTuple):
     gate: Tensor  # (N, Lv) gate g; ones without a sampler
 
 
-class RGEncoder(nn.Module):
-    """Cross-attention -> sampler -> retrieval attention over [token; frames] -> P = c + g * r (Eq. 1-5)."""
+def _self_attention_stack(cfg: ModelConfig) -> nn.ModuleList:
+    """The ``retrieval_layers`` self-attention layers both encoders run after the cross-attention."""
+    return nn.ModuleList(
+        SelfAttentionLayer(cfg.hidden_dim, cfg.num_heads, cfg.ffn_dim, cfg.dropout, cfg.attention_dropout)
+        for _ in range(cfg.retrieval_layers)
+    )
+
+
+class TextConditionedEncoder(nn.Module):
+    """What both encoders share: condition every frame on its query (Eq. 1), then encode the conditioned frames
+    (:meth:`encode_frames`, the part in which the encoders differ)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        d = cfg.hidden_dim
-        self.mask_mode: MaskMode = cfg.mask_mode
         self.cross = TextConditioning(cfg)
-        # the sampler kind "none" builds no sampler at all, so no parameter is left without a gradient
-        self.sampler = GumbelSampler(d, cfg.sampler.temperature) if cfg.sampler.kind == "gumbel" else None
-        self.layers = nn.ModuleList(
-            SelfAttentionLayer(d, cfg.num_heads, cfg.ffn_dim, cfg.dropout, cfg.attention_dropout)
-            for _ in range(cfg.retrieval_layers)
-        )
-        xavier_init_(self)
-        # learnable retrieval token and its own learnable position (randn, as released); 1-D, so xavier skips them
-        self.token = nn.Parameter(torch.randn(d))
-        self.token_pos = nn.Parameter(torch.randn(d))
 
     def forward(
         self,
@@ -65,6 +62,29 @@ class RGEncoder(nn.Module):
         """frames, pos (N, Lv, D); frame_valid (N, Lv); text (B, Lq, D); text_mask (B, Lq); text_index (N,);
         ``rng`` the N pairs' keyed streams (dropout, Gumbel noise), or None for the global generator."""
         frames = self.cross(frames, pos, text, text_mask, text_index, frame_valid, rng)  # Eq. 1: (N, Lv, D)
+        return self.encode_frames(frames, pos, frame_valid, rng)
+
+    def encode_frames(self, frames: Tensor, pos: Tensor, frame_valid: Tensor, rng: RowRandom | None) -> EncoderState:
+        """The query-conditioned frames (N, Lv, D), their positions (N, Lv, D) and frame_valid (N, Lv) -> state."""
+        raise NotImplementedError
+
+
+class RGEncoder(TextConditionedEncoder):
+    """Cross-attention -> sampler -> retrieval attention over [token; frames] -> P = c + g * r (Eq. 1-5)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        d = cfg.hidden_dim
+        self.mask_mode: MaskMode = cfg.mask_mode
+        # the sampler kind "none" builds no sampler at all, so no parameter is left without a gradient
+        self.sampler = GumbelSampler(d, cfg.sampler.temperature) if cfg.sampler.kind == "gumbel" else None
+        self.layers = _self_attention_stack(cfg)
+        xavier_init_(self)
+        # learnable retrieval token and its own learnable position (randn, as released); 1-D, so xavier skips them
+        self.token = nn.Parameter(torch.randn(d))
+        self.token_pos = nn.Parameter(torch.randn(d))
+
+    def encode_frames(self, frames: Tensor, pos: Tensor, frame_valid: Tensor, rng: RowRandom | None) -> EncoderState:
         if self.sampler is not None:
             frame_logit, gate = self.sampler(frames, rng=rng)  # Eq. 2: (N, Lv) each
         else:
@@ -75,29 +95,15 @@ class RGEncoder(nn.Module):
         return EncoderState(encoded_proposal(content, context, gate), context, frame_logit, gate)  # Eq. 5
 
 
-class PlainEncoder(nn.Module):
+class PlainEncoder(TextConditionedEncoder):
     """Ablation "no unified encoder": cross-attention + self-attention over frames; no token, sampler or gate."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.cross = TextConditioning(cfg)
-        self.layers = nn.ModuleList(
-            SelfAttentionLayer(cfg.hidden_dim, cfg.num_heads, cfg.ffn_dim, cfg.dropout, cfg.attention_dropout)
-            for _ in range(cfg.retrieval_layers)
-        )
+        super().__init__(cfg)
+        self.layers = _self_attention_stack(cfg)
         xavier_init_(self)
 
-    def forward(
-        self,
-        frames: Tensor,
-        pos: Tensor,
-        frame_valid: Tensor,
-        text: Tensor,
-        text_mask: Tensor,
-        text_index: Tensor,
-        rng: RowRandom | None = None,
-    ) -> EncoderState:
-        frames = self.cross(frames, pos, text, text_mask, text_index, frame_valid, rng)  # (N, Lv, D)
+    def encode_frames(self, frames: Tensor, pos: Tensor, frame_valid: Tensor, rng: RowRandom | None) -> EncoderState:
         # padding mask only; a window without any valid frame (never produced by the data) attends to all, not NaN
         key_valid = frame_valid | ~frame_valid.any(dim=-1, keepdim=True)
         mask = None if bool(key_valid.all()) else key_valid[:, None, None, :]  # (N, 1, 1, Lv); None: fastest kernel
