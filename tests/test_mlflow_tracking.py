@@ -9,12 +9,7 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,7 +18,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import free_ports
 
 from pipelines import mlflow_model, runtime, tracking
 from pipelines import predict as predict_cli
@@ -67,40 +61,6 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow_store') / 'mlflow.db'}"
     MlflowClient(uri).search_experiments()  # creates the tables now
     return uri
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``mlflow server`` on 127.0.0.1 and a free port (SQLite backend, proxied artifacts)."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    (port,) = free_ports(1)
-    log = open(root / "server.log", "w")  # noqa: SIM115  # closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300  # a bound, not a speed check: a loaded 2-core machine needs minutes
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.read().decode().strip() == "OK":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def moments_of(frame: Any, index: int = 0) -> np.ndarray:
