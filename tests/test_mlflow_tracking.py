@@ -18,16 +18,14 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import save_tiny_checkpoint
 
 from pipelines import mlflow_model, runtime, tracking
 from pipelines import predict as predict_cli
 from pipelines.runtime import resolve_paths
 from rgnet.config import Config, from_dict, load_config, save_yaml
 from rgnet.data.dataset import open_split
-from rgnet.data.synthetic import ensure_configured_dataset
-from rgnet.model import build_model
-from rgnet.train.checkpoint import load_checkpoint, make_payload, save_checkpoint
-from rgnet.train.loop import seed_everything
+from rgnet.train.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 VIDEO, QUERY = "videos/syn-v0016", "queries/syn-a0016_0"
@@ -44,10 +42,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """The tiny preset's data and a seeded tiny model saved as a checkpoint (epoch 3) with its config.yaml."""
     tmp = tmp_path_factory.mktemp("mlflow_tiny")
     cfg = tiny_cfg(tmp)
-    ensure_configured_dataset(cfg.data)
-    seed_everything(0)
-    model = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim)
-    ckpt = save_checkpoint(make_payload(model, cfg, epoch=3, global_step=30), tmp / "best.pt")
+    ckpt = save_tiny_checkpoint(cfg, tmp / "best.pt", epoch=3, global_step=30)
     save_yaml(cfg, tmp / "config.yaml")
     return tmp, ckpt, tmp / "config.yaml"
 
