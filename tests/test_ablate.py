@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_seeds_argv
 
 from pipelines import ablate, ablation
 from pipelines.tracking import metric_key
@@ -23,23 +24,8 @@ T975_1 = 12.706204736174698  # ... 1 degree of freedom
 
 
 def args(tmp: Path, *extra: str, seeds: str = "2") -> list[str]:
-    return [
-        "--preset",
-        "tiny",
-        "--variants",
-        "full,no_contrastive",
-        "--name",
-        "t",
-        "--seeds",
-        seeds,
-        "--parallel",
-        "2",
-        *extra,
-        f"data.root={tmp / 'data'}",
-        f"train.output_dir={tmp / 'runs'}",
-        "train.epochs=2",
-        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-    ]
+    options = ["--variants", "full,no_contrastive", "--name", "t"]
+    return tiny_seeds_argv(tmp, *extra, epochs=2, options=options, seeds=seeds)
 
 
 @pytest.fixture(scope="module")

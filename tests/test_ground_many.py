@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import save_tiny_checkpoint
 
 from pipelines import predict as predict_cli
 from pipelines.runtime import resolve_paths
 from rgnet.config import Config, load_config
 from rgnet.data.samples import gather_windows, pad_texts
-from rgnet.data.synthetic import ensure_configured_dataset
 from rgnet.data.windows import window_bounds
 from rgnet.eval.inference import query_groups
 from rgnet.model import build_model
@@ -107,10 +107,7 @@ def test_query_groups_bound_the_kept_pairs(q: int, k: int, chunk: int, per_pass:
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Path]:
     tmp = tmp_path_factory.mktemp("many")
     cfg = tiny_cfg(tmp)
-    ensure_configured_dataset(cfg.data)
-    seed_everything(0)
-    model = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim)
-    return cfg, save_checkpoint(make_payload(model, cfg, epoch=0, global_step=0), tmp / "tiny.pt")
+    return cfg, save_tiny_checkpoint(cfg, tmp / "tiny.pt")
 
 
 def test_cli_queries_file_gives_one_json_line_per_query(tiny_model: tuple[Config, Path], tmp_path: Path, capsys):

@@ -9,12 +9,7 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,17 +18,14 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import free_ports
+from helpers import save_tiny_checkpoint
 
 from pipelines import mlflow_model, runtime, tracking
 from pipelines import predict as predict_cli
 from pipelines.runtime import resolve_paths
 from rgnet.config import Config, from_dict, load_config, save_yaml
 from rgnet.data.dataset import open_split
-from rgnet.data.synthetic import ensure_configured_dataset
-from rgnet.model import build_model
-from rgnet.train.checkpoint import load_checkpoint, make_payload, save_checkpoint
-from rgnet.train.loop import seed_everything
+from rgnet.train.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 VIDEO, QUERY = "videos/syn-v0016", "queries/syn-a0016_0"
@@ -50,10 +42,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """The tiny preset's data and a seeded tiny model saved as a checkpoint (epoch 3) with its config.yaml."""
     tmp = tmp_path_factory.mktemp("mlflow_tiny")
     cfg = tiny_cfg(tmp)
-    ensure_configured_dataset(cfg.data)
-    seed_everything(0)
-    model = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim)
-    ckpt = save_checkpoint(make_payload(model, cfg, epoch=3, global_step=30), tmp / "best.pt")
+    ckpt = save_tiny_checkpoint(cfg, tmp / "best.pt", epoch=3, global_step=30)
     save_yaml(cfg, tmp / "config.yaml")
     return tmp, ckpt, tmp / "config.yaml"
 
@@ -67,40 +56,6 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow_store') / 'mlflow.db'}"
     MlflowClient(uri).search_experiments()  # creates the tables now
     return uri
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``mlflow server`` on 127.0.0.1 and a free port (SQLite backend, proxied artifacts)."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    (port,) = free_ports(1)
-    log = open(root / "server.log", "w")  # noqa: SIM115  # closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300  # a bound, not a speed check: a loaded 2-core machine needs minutes
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.read().decode().strip() == "OK":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def moments_of(frame: Any, index: int = 0) -> np.ndarray:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import small_model_config
 
 from rgnet.config import LossConfig, ModelConfig, SamplerConfig
 from rgnet.model import Criterion, build_model, build_pairs
@@ -23,18 +24,9 @@ DV, DT = 12, 10  # raw feature widths (deliberately different from D and from ea
 
 
 def tiny_cfg(**kw: object) -> ModelConfig:
-    base = ModelConfig(
-        hidden_dim=32,
-        num_heads=2,
-        ffn_dim=48,
-        cross_layers=1,
-        retrieval_layers=2,
-        decoder_layers=3,
-        num_queries=4,
-        input_dropout=0.1,
-        attention_dropout=0.1,
+    return small_model_config(
+        **{"num_heads": 2, "cross_layers": 1, "input_dropout": 0.1, "attention_dropout": 0.1, **kw}
     )
-    return replace(base, **kw)  # type: ignore[arg-type]
 
 
 def make_batch(b: int = 3, lv: int = 9, negatives: str = "in_batch", seed: int = 0) -> dict[str, torch.Tensor]:

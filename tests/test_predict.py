@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import save_tiny_checkpoint
 
 from pipelines import predict as predict_cli
 from pipelines.runtime import resolve_paths
@@ -44,11 +45,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Path]:
     """The tiny preset's data and a seeded (untrained) tiny model saved as a checkpoint."""
     tmp = tmp_path_factory.mktemp("predict")
     cfg = tiny_cfg(tmp)
-    ensure_configured_dataset(cfg.data)
-    seed_everything(0)
-    model = build_model(cfg.model, cfg.data.video_dim, cfg.data.text_dim)
-    path = save_checkpoint(make_payload(model, cfg, epoch=0, global_step=0), tmp / "tiny.pt")
-    return cfg, path
+    return cfg, save_tiny_checkpoint(cfg, tmp / "tiny.pt")
 
 
 def features(cfg: Config) -> Path:

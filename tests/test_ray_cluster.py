@@ -75,22 +75,18 @@ def ray_head() -> Iterator[str]:
     killing the processes this fixture started (never `ray stop`, which stops every Ray of the user on the
     machine)."""
     # the head has token auth on (the default for local clusters): conftest sets RAY_AUTH_MODE=token and the token
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths live under it
-    # `python` in a job entrypoint resolves with this PATH: put this interpreter's folder first
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    temp_dir = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # short: Ray's socket paths live under it
+    log_path = temp_dir / "ray_start.log"
     gcs_port, dash, agent_http, agent_grpc, runtime_env, metrics, client = free_ports(7)
-    cmd = [
-        "ray", "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-        f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+    args = [
+        "--head", "--num-cpus=2", f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
         f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
         f"--ray-client-server-port={client}", f"--temp-dir={temp_dir}",
     ]  # fmt: skip
-    log = open(Path(temp_dir) / "ray_start.log", "w")  # noqa: SIM115  # closed below
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     GCS_OF[address] = f"127.0.0.1:{gcs_port}"
-    try:
+    with _ray_start(args, log_path) as proc:
         from ray.job_submission import JobSubmissionClient
 
         deadline = time.monotonic() + 300  # a bound, not a speed check
@@ -100,14 +96,27 @@ def ray_head() -> Iterator[str]:
                 break
             except Exception as e:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    text = (Path(temp_dir) / "ray_start.log").read_text()[-3000:]
+                    text = log_path.read_text()[-3000:]
                     raise RuntimeError(f"the Ray head at {address} did not answer ({e!r}):\n{text}") from e
                 time.sleep(1)
         yield address
+
+
+@contextlib.contextmanager
+def _ray_start(args: list[str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``ray start --block --node-ip-address=127.0.0.1 *args`` in a process group of its own, this interpreter's
+    folder first on PATH (``python`` in a job entrypoint resolves with it), its output in ``log_path``.  On exit the
+    group is stopped (:func:`_stop_tree`) and the log's folder, the node's temporary folder, removed."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    cmd = ["ray", "start", "--block", "--node-ip-address=127.0.0.1", *args]
+    log = open(log_path, "w")  # noqa: SIM115  # closed below
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
     finally:
         _stop_tree(proc.pid)
         log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(log_path.parent, ignore_errors=True)
 
 
 def _stop_tree(pgid: int) -> None:
@@ -138,28 +147,21 @@ def two_node_head(ray_head: str) -> Iterator[str]:
     from ray.job_submission import JobSubmissionClient
 
     gcs = GCS_OF[ray_head]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    temp_dir = tempfile.mkdtemp(prefix="rw", dir="/tmp")
+    log_path = Path(tempfile.mkdtemp(prefix="rw", dir="/tmp")) / "ray_worker.log"
     agent_http, agent_grpc, runtime_env, metrics = free_ports(4)  # never one of the head's (free_ports' registry)
-    cmd = [
-        "ray", "start", f"--address={gcs}", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1",
+    args = [
+        f"--address={gcs}", "--num-cpus=1",
         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
         f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
     ]  # fmt: skip
-    log = open(Path(temp_dir) / "ray_worker.log", "w")  # noqa: SIM115  # closed below
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    with _ray_start(args, log_path) as proc:
         client = JobSubmissionClient(ray_head)
         deadline = time.monotonic() + 300  # a bound, not a speed check
         while _alive_nodes(client) < 2:  # the second raylet has registered with the head
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the second node did not join:\n" + (Path(temp_dir) / "ray_worker.log").read_text())
+                raise RuntimeError("the second node did not join:\n" + log_path.read_text())
             time.sleep(2)
         yield ray_head
-    finally:
-        _stop_tree(proc.pid)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 COUNT_NODES = "import ray; ray.init(); print('N=%d' % sum(n['Alive'] for n in ray.nodes()))"

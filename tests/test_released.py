@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import small_model_config
 
 from pipelines import cli
 from pipelines import evaluate as evaluate_cli
@@ -46,19 +47,14 @@ DV, DT, MAX_Q = 12, 10, 6  # raw feature widths and the released max_q_l of the 
 
 
 def small_cfg(**kw: object) -> ModelConfig:
-    base = ModelConfig(
-        hidden_dim=32,
-        num_heads=4,
-        ffn_dim=48,
-        cross_layers=2,
-        retrieval_layers=2,
-        decoder_layers=3,
-        num_queries=4,
-        pos_temperature=100.0,
-        mask_mode="additive",
-        compat="released",
-    )
-    return replace(base, **kw)  # type: ignore[arg-type]
+    released = {
+        "num_heads": 4,
+        "cross_layers": 2,
+        "pos_temperature": 100.0,
+        "mask_mode": "additive",
+        "compat": "released",
+    }
+    return small_model_config(**{**released, **kw})
 
 
 def released_options(cfg: ModelConfig, **changes: object) -> argparse.Namespace:
@@ -156,17 +152,11 @@ def make_batch(
 
 
 def outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """Every encoder output for all pairs and every decoder output for all pairs (eval mode)."""
+    """Every encoder output for all pairs (the model's own forward, which encodes every pair) and every decoder output
+    for all pairs (the forward decodes only the positive ones), in eval mode."""
     model.eval()
     with torch.no_grad():
-        enc = model.encode(
-            batch["video"],
-            batch["video_mask"],
-            batch["text"],
-            batch["text_mask"],
-            batch["pair_window"],
-            batch["pair_text"],
-        )
+        enc = model(batch)["encoder"]
         dec = model.decode(enc)
     return [enc.memory, enc.context_logit, enc.frame_logit, enc.gate, enc.sampling_score, dec.logits, dec.spans_cw]
 

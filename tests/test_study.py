@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_seeds_argv
 
 from pipelines import evaluate, study
 from pipelines.common import resolve_space_path
@@ -151,20 +152,7 @@ def test_evaluate_settings_refuses_a_model_change(tmp_path) -> None:
 # The evaluation studies and a table study end to end (tiny preset, 2 seeds, 1 epoch)
 # ---------------------------------------------------------------------------------------------------------------
 def _argv(tmp: Path, name: str, *extra: str) -> list[str]:
-    return [
-        name,
-        "--preset",
-        "tiny",
-        "--seeds",
-        "2",
-        "--parallel",
-        "2",
-        *extra,
-        f"data.root={tmp / 'data'}",
-        f"train.output_dir={tmp / 'runs'}",
-        "train.epochs=1",
-        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-    ]
+    return [name, *tiny_seeds_argv(tmp, *extra, epochs=1)]
 
 
 @pytest.fixture(scope="module")
