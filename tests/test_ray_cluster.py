@@ -187,7 +187,7 @@ def test_jobs_on_two_nodes_interrupted_and_resubmitted(two_node_head: str, tmp_p
     client = JobSubmissionClient(two_node_head)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     entrypoint = (
-        f"{sys.executable} -m pipelines.train --smoke-test --no-test --tracking-uri {uri} train.epochs=3 "
+        f"{sys.executable} -m pipelines.train --smoke-test --no-test tracking.uri={uri} train.epochs=3 "
         f"data.root={tmp_path / 'data'} train.output_dir={tmp_path / 'runs'} "
         f"ray.storage_path={tmp_path / 'ray_results'} train.progress=false ray.num_workers=2 ray.cpus_per_worker=0.5 "
         "ray.placement_strategy=STRICT_SPREAD"

@@ -90,7 +90,7 @@ def test_two_workers_with_an_mlflow_server_survive_a_sigkilled_worker(
     from mlflow import MlflowClient
     from ray.util.state import list_actors
 
-    argv = ["--preset", "tiny", "--tracking-uri", mlflow_server, *overrides(tmp_path, "train.epochs=4")]
+    argv = ["--preset", "tiny", f"tracking.uri={mlflow_server}", *overrides(tmp_path, "train.epochs=4")]
     thread, box = _run_in_thread(train_cli.main, argv)
     client = MlflowClient(mlflow_server)
 
