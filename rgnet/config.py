@@ -337,6 +337,14 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
+def _is_plain_str(key: str) -> bool:
+    """Whether the dotted ``key`` is a free-text field (a path, URI or name), not a number, list or choice."""
+    tp: Any = Config
+    for part in key.split("."):
+        tp = typing.get_type_hints(tp)[part]
+    return tp is str
+
+
 def _unknown(key: str, valid: Iterable[str], where: str) -> ConfigError:
     valid = list(valid)
     near = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
@@ -464,6 +472,8 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
         key, value = parse_override(text)
         if key not in valid:
             raise _unknown(key, valid, " (from a key=value override)")
+        if not isinstance(value, str) and _is_plain_str(key):  # a path or name is the text as given: `a b: c.pt`, 007
+            value = text.split("=", 1)[1].strip()
         cfg = _merge(cfg, _nest(key, value), "", f" (override '{text}')")
     validate(cfg)
     return cfg

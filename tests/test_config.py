@@ -43,6 +43,16 @@ def test_overrides_apply_in_order_and_coerce() -> None:
     assert cfg.model.hidden_dim == load_config("tiny").model.hidden_dim
 
 
+def test_free_text_keys_take_the_text_as_given() -> None:
+    """Paths, URIs and names are not YAML: a colon, a leading zero or a bracket stays text; quotes still quote."""
+    over = ["train.init_from=w/a b: c.pt", "train.run_name=007", "data.root=[x]", 'tracking.uri="sqlite:///a b.db"']
+    cfg = load_config("tiny", overrides=over)
+    assert (cfg.train.init_from, cfg.train.run_name, cfg.data.root) == ("w/a b: c.pt", "007", "[x]")
+    assert cfg.tracking.uri == "sqlite:///a b.db"
+    with pytest.raises(ConfigError, match="train.epochs must be an integer"):  # typed keys still parse as YAML
+        load_config(overrides=["train.epochs=a: b"])
+
+
 def test_unknown_key_names_nearest() -> None:
     with pytest.raises(ConfigError, match="did you mean 'model.sampler.temperature'"):
         load_config(overrides=["model.sampler.temprature=0.4"])

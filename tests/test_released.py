@@ -523,10 +523,14 @@ def test_run_local_starts_from_init_from_with_a_fresh_optimizer_and_resume_wins(
         assert torch.equal(last["model"][k], v), k
 
 
-def test_init_from_flag_and_search_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_init_from_key_and_search_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.runtime import resolve_paths
+
     monkeypatch.chdir(tmp_path)
-    args = train_cli.build_parser().parse_args(["--local", "--preset", "tiny", "--init-from", "w/a b: c.pt"])
-    assert train_cli.config_from_args(args).train.init_from == str(tmp_path / "w" / "a b: c.pt")  # absolute
+    args = train_cli.build_parser().parse_args(["--local", "--preset", "tiny", "train.init_from=w/a b: c.pt"])
+    cfg = train_cli.config_from_args(args)
+    assert cfg.train.init_from == "w/a b: c.pt"  # the text as given (a path is not YAML), relative for --local
+    assert resolve_paths(cfg).train.init_from == str(tmp_path / "w" / "a b: c.pt")  # absolute for Ray's workers
     fixed = tmp_path / "finetune.yaml"  # every trial fine-tunes the same weights
     fixed.write_text(
         yaml.safe_dump(
@@ -570,7 +574,7 @@ def test_cli_import_then_evaluate_and_predict(tmp_path: Path, capsys: pytest.Cap
     printed = capsys.readouterr().out
     assert "with preset ego4d" in printed and "split in three" in printed
     assert "transformer.decoder.bbox_embed.1.layers.0.weight" in printed  # the dropped last refinement
-    assert "rgnet train --config" in printed and "--init-from" in printed
+    assert "rgnet train --config" in printed and "train.init_from=" in printed
     payload = ckpt.load_checkpoint(out / "checkpoint.pt")  # weights_only=True
     assert payload["imported_from"]["released_epoch"] == 99 and payload["optimizer"] is None
     assert yaml.safe_load((out / "config.yaml").read_text()) == payload["config"]
