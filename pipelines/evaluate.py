@@ -166,7 +166,7 @@ def _main(args: argparse.Namespace) -> int:
                 keep_zero_length=args.keep_zero_length,
                 profile=args.profile,
                 recall_ks=tuple(args.recall_ks),
-                iou=tuple(args.iou),
+                iou_thresholds=tuple(args.iou),
                 retrieval_ks=tuple(args.retrieval_ks),
                 max_predictions=args.max_predictions,
                 export_ego4d=args.export_ego4d,

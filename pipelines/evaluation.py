@@ -32,7 +32,7 @@ class PredictionFileOptions:
     keep_zero_length: bool = False
     profile: Profile = EvalConfig().profile
     recall_ks: tuple[int, ...] = tuple(EvalConfig().recall_ks)
-    iou: tuple[float, ...] = tuple(EvalConfig().iou_thresholds)
+    iou_thresholds: tuple[float, ...] = tuple(EvalConfig().iou_thresholds)
     retrieval_ks: tuple[int, ...] = tuple(EvalConfig().retrieval_ks)
     max_predictions: int | None = None
     export_ego4d: str | None = None
@@ -84,8 +84,8 @@ def _check_metric_args(opts: PredictionFileOptions) -> None:
         raise ConfigError("--predictions needs --annotations FILE (the ground truth to score against)")
     if any(k < 1 for k in [*opts.recall_ks, *opts.retrieval_ks]):
         raise ConfigError(f"--recall-ks and --retrieval-ks must be >= 1, got {opts.recall_ks} / {opts.retrieval_ks}")
-    if any(not 0 <= m < 1 for m in opts.iou):
-        raise ConfigError(f"--iou thresholds must lie in [0, 1), got {opts.iou}")
+    if any(not 0 <= m < 1 for m in opts.iou_thresholds):
+        raise ConfigError(f"--iou thresholds must lie in [0, 1), got {opts.iou_thresholds}")
     if opts.max_predictions is not None and opts.max_predictions < 1:
         raise ConfigError(f"--max-predictions must be >= 1, got {opts.max_predictions}")
 
@@ -94,7 +94,7 @@ def evaluate_prediction_file(opts: PredictionFileOptions) -> dict[str, Any]:
     """Read, check and score a prediction file; write the requested exports. Returns the metric report."""
     _check_metric_args(opts)
     from rgnet.data.dataset import read_annotations
-    from rgnet.eval.metrics import evaluate
+    from rgnet.eval.metrics import evaluate_with
     from rgnet.eval.predictions import read_predictions, write_cone_mad, write_ego4d_challenge, write_moment_detr
 
     rows = read_predictions(opts.predictions)
@@ -117,16 +117,7 @@ def evaluate_prediction_file(opts: PredictionFileOptions) -> dict[str, Any]:
                 len(rows) - len(kept_rows),
             )
 
-    report = evaluate(
-        kept_rows,
-        records,
-        profile=opts.profile,
-        recall_ks=opts.recall_ks,
-        iou_thresholds=opts.iou,
-        retrieval_ks=opts.retrieval_ks,
-        max_predictions=opts.max_predictions,
-        source=str(opts.predictions),
-    )
+    report = evaluate_with(kept_rows, records, opts, source=str(opts.predictions))
     report["predictions_file"] = str(opts.predictions)
     report["annotations_file"] = str(opts.annotations)
     report["layout"] = opts.layout

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from rgnet.config import EvalConfig
 from rgnet.data.records import DataError, QueryRecord
 from rgnet.data.windows import overlap_mask
 from rgnet.eval.predictions import PredictionRow
@@ -186,20 +185,16 @@ def evaluate(
     }
 
 
+# evaluate()'s metric settings; an ``eval`` config section and rgnet evaluate's options carry them under these names
+METRIC_SETTINGS = ("profile", "recall_ks", "iou_thresholds", "retrieval_ks", "max_predictions")
+
+
 def evaluate_with(
-    rows: Sequence[PredictionRow], records: Sequence[QueryRecord], cfg: EvalConfig, source: str = ""
+    rows: Sequence[PredictionRow], records: Sequence[QueryRecord], settings: Any, source: str = ""
 ) -> dict[str, Any]:
-    """:func:`evaluate` with the profile, ks, thresholds and prediction cap of an ``eval`` config section."""
-    return evaluate(
-        rows,
-        records,
-        profile=cfg.profile,
-        recall_ks=cfg.recall_ks,
-        iou_thresholds=cfg.iou_thresholds,
-        retrieval_ks=cfg.retrieval_ks,
-        max_predictions=cfg.max_predictions,
-        source=source,
-    )
+    """:func:`evaluate` with the :data:`METRIC_SETTINGS` (profile, ks, thresholds, prediction cap) read from
+    ``settings``: an ``eval`` config section, or any object with those attributes."""
+    return evaluate(rows, records, **{name: getattr(settings, name) for name in METRIC_SETTINGS}, source=source)
 
 
 def _used(report: dict[str, Any]) -> int:
