@@ -280,7 +280,7 @@ def read_released(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict
     if isinstance(obj, Mapping) and "format_version" in obj:
         raise ReleasedCheckpointError(
             f"{path} is a checkpoint of this project (format_version {obj['format_version']}), not a released RGNet "
-            "checkpoint: use it as it is (rgnet evaluate --checkpoint, rgnet train --init-from)"
+            "checkpoint: use it as it is (rgnet evaluate --checkpoint, rgnet train train.init_from=...)"
         )
     if not isinstance(obj, Mapping) or "model" not in obj or "opt" not in obj:
         keys = sorted(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
